@@ -1,0 +1,1 @@
+"""hk_rnn: mask-aware recurrent networks for JAX, as Haiku modules."""
