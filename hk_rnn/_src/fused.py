@@ -1,0 +1,553 @@
+r"""Fused whole-sequence kernels for the LSTM, GRU and simple (Elman) cells.
+
+Each kernel runs a whole masked sequence with a hand-written VJP, the scheme
+cuDNN and oneDNN use:
+
+* forward: one large GEMM projects every input step at once,
+  ``G_x = X W_i + b_i`` with ``X`` the ``(T*B, D)`` inputs; the scan then does
+  only the recurrent GEMM ``h_in W_h`` and the gate math, and saves for the
+  backward pass the per-step coefficients of the gate derivatives;
+* backward: a reverse scan carries only the state cotangents (``dh``, ``dc``)
+  and emits the gate pre-activation cotangents ``dZ_t``; the parameter
+  cotangents are then single large GEMMs over all steps:
+  ``dW_i = Xᵀ dZ``, ``dW_h = Σ_t h_in,tᵀ dZ_t``, ``db = Σ_t dZ_t`` and
+  ``dX = dZ W_iᵀ``.
+
+Autodiff of a scan instead accumulates ``dW_h`` and ``dW_i`` with a small GEMM
+per step and stores every intermediate of the step.
+
+Shapes are time-major with one batch axis: ``inputs (T, B, D)``, carries
+``(B, F)``. ``valid`` and ``reset`` are ``(T, B)`` bools (``None``: every step
+valid, never reset) and ``recurrent_mask`` is ``(B, F)``, the same at every
+step. At step ``t`` each kernel computes
+
+.. math::
+
+    s &= \mathrm{reset}_t \;?\; s_0 : s \qquad
+        \text{(a packed row's next segment starts afresh)} \\
+    h_{in} &= h \odot m \qquad \text{(recurrent dropout, when a mask is given)} \\
+    s', y &= \mathrm{cell}(x_t, h_{in}, s) \\
+    s &= \mathrm{valid}_t \;?\; s' : s, \qquad
+    \mathrm{output}_t = \mathrm{valid}_t \;?\; y : 0
+
+and returns ``(final_carry, outputs (T, B, F))``. Padded steps change nothing:
+the kernels zero the inputs there before the input GEMM, so even NaN padding
+reaches no value and no gradient.
+
+Computation runs in the dtype of ``inputs`` (weights are cast to it); weight
+and bias gradients are accumulated in float32 and every gradient comes back
+in its argument's own dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+State = tuple[Array, ...]  # the carry as a tuple whose last array is h
+
+
+def _select(pred: Array, on_true: State, on_false: State) -> State:
+  """Row-wise ``where``: ``pred (B,)`` picks rows of each ``(B, F)`` array."""
+  pred = pred[:, None]
+  return tuple(
+    jnp.where(pred, a, b) for a, b in zip(on_true, on_false, strict=True)
+  )
+
+
+class _Cell(NamedTuple):
+  """The gate math one cell plugs into the shared fused engine.
+
+  ``step(gx, gh, state, save)`` takes the projected input ``gx = x W_i + b_i``
+  and recurrent term ``gh = h_in W_h (+ b_h)``, both ``(B, G*F)``, and the
+  state before the step; it returns ``(new_state, output, residuals)``, the
+  residuals (only when ``save``) being whatever ``backward`` needs.
+
+  ``backward(residuals, d_state)`` takes the cotangent of the new state (the
+  output's already added to ``h``'s) and returns ``(d_gx, d_gh, d_state)``:
+  the cotangents of ``gx``, of ``gh`` (``None`` when equal to ``d_gx``) and
+  of the state before the step, not counting the path through ``h_in``.
+  """
+
+  step: Callable[..., tuple[State, Array, Any]]
+  backward: Callable[..., tuple[Array, Array | None, State]]
+
+
+# LSTM. Backward math, with c' = f c + i g and h' = o tanh(c'):
+#   dc_total = dc' + dh' o (1 - tanh²c')
+#   dz = [dc_total g i(1-i), dc_total c f(1-f), dc_total i (1-g²),
+#         dh' tanh(c') o(1-o)],   dc = dc_total f.
+# The step saves the four coefficients that multiply dc_total or dh', so the
+# backward step is a handful of multiplies around its GEMM.
+
+
+def _lstm_step(gx, gh, state, save):
+  c, _ = state
+  i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
+  i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
+  g = jnp.tanh(g)
+  new_c = f * c + i * g
+  tanh_c = jnp.tanh(new_c)
+  new_h = o * tanh_c
+  if not save:
+    return (new_c, new_h), new_h, None
+  gate_coefficients = jnp.concatenate(
+    [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)],
+    axis=-1,
+  )
+  c_from_h = o * (1 - tanh_c * tanh_c)
+  return (new_c, new_h), new_h, (gate_coefficients, c_from_h, f)
+
+
+def _lstm_backward(residuals, d_state):
+  gate_coefficients, c_from_h, f = residuals
+  d_c, d_h = d_state
+  d_c = d_c + d_h * c_from_h
+  d_z = jnp.concatenate([d_c, d_c, d_c, d_h], axis=-1) * gate_coefficients
+  return d_z, None, (d_c * f, jnp.zeros_like(d_h))
+
+
+# GRU, with gh = h_in W_h + b_h and h' = n + z (h - n):
+#   dn_pre = dh' (1-z)(1-n²);  dz_pre = dh' (h-n) z(1-z);
+#   dr_pre = dn_pre gh_n r(1-r);  d_gx = [dr_pre, dz_pre, dn_pre];
+#   d_gh = [dr_pre, dz_pre, dn_pre r];  dh (direct) = dh' z.
+
+
+def _gru_step(gx, gh, state, save):
+  (h,) = state
+  x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
+  h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
+  r = jax.nn.sigmoid(x_r + h_r)
+  z = jax.nn.sigmoid(x_z + h_z)
+  n = jnp.tanh(x_n + r * h_n)
+  new_h = n + z * (h - n)
+  if not save:
+    return (new_h,), new_h, None
+  n_coefficient = (1 - z) * (1 - n * n)
+  input_coefficients = jnp.concatenate(
+    [n_coefficient * h_n * r * (1 - r), (h - n) * z * (1 - z), n_coefficient],
+    axis=-1,
+  )
+  return (new_h,), new_h, (input_coefficients, n_coefficient * r, z)
+
+
+def _gru_backward(residuals, d_state):
+  input_coefficients, recurrent_n_coefficient, z = residuals
+  (d_h,) = d_state
+  d_gx = jnp.concatenate([d_h, d_h, d_h], axis=-1) * input_coefficients
+  d_r, d_z, _ = jnp.split(d_gx, 3, axis=-1)
+  d_gh = jnp.concatenate([d_r, d_z, d_h * recurrent_n_coefficient], axis=-1)
+  return d_gx, d_gh, (d_h * z,)
+
+
+# Simple: h' = tanh(gx + gh), d_gx = dh' (1 - h'²).
+
+
+def _simple_step(gx, gh, state, save):
+  del state
+  new_h = jnp.tanh(gx + gh)
+  residuals = (1 - new_h * new_h,) if save else None
+  return (new_h,), new_h, residuals
+
+
+def _simple_backward(residuals, d_state):
+  (derivative,) = residuals
+  (d_h,) = d_state
+  return d_h * derivative, None, (jnp.zeros_like(d_h),)
+
+
+_LSTM = _Cell(_lstm_step, _lstm_backward)
+_GRU = _Cell(_gru_step, _gru_backward)
+_SIMPLE = _Cell(_simple_step, _simple_backward)
+
+
+def _prepare(inputs, w_i, b_i, valid):
+  """Zeroes padded inputs and projects all steps: ``(T, B, G*F)``."""
+  dtype = inputs.dtype
+  if valid is not None:
+    # Padding may hold NaN; zeroed here it reaches neither the gate values
+    # nor ``dW_i = Xᵀ dZ`` (where NaN * 0 would still be NaN).
+    inputs = jnp.where(valid[..., None], inputs, 0)
+  steps, batch, _ = inputs.shape
+  projected = jnp.dot(
+    inputs.reshape(steps * batch, -1), w_i.astype(dtype)
+  ) + b_i.astype(dtype)
+  return inputs, projected.reshape(steps, batch, -1)
+
+
+def _forward_scan(
+  cell, unroll, projected, w_h, b_h, initial_state, valid, reset, mask, save
+):
+  """Runs the recurrence over the projected inputs (see the module doc)."""
+
+  def body(state, step_inputs):
+    gx, valid_t, reset_t = step_inputs
+    if reset_t is not None:
+      state = _select(reset_t, initial_state, state)
+    h_in = state[-1] if mask is None else state[-1] * mask
+    gh = jnp.dot(h_in, w_h)
+    if b_h is not None:
+      gh = gh + b_h
+    new_state, output, residuals = cell.step(gx, gh, state, save)
+    if valid_t is not None:
+      new_state = _select(valid_t, new_state, state)
+      output = jnp.where(valid_t[:, None], output, 0)
+    return new_state, ((output, residuals, h_in) if save else output)
+
+  return lax.scan(body, initial_state, (projected, valid, reset), unroll=unroll)
+
+
+def _cast_all(arrays, dtype):
+  return tuple(a.astype(dtype) for a in arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sequence(
+  cell, unroll, inputs, w_i, w_h, b_i, b_h, initial_state, valid, reset, mask
+):
+  """The fused recurrence; ``b_h`` is ``None`` for single-bias cells."""
+  dtype = inputs.dtype
+  _, projected = _prepare(inputs, w_i, b_i, valid)
+  final_state, outputs = _forward_scan(
+    cell,
+    unroll,
+    projected,
+    w_h.astype(dtype),
+    None if b_h is None else b_h.astype(dtype),
+    _cast_all(initial_state, dtype),
+    valid,
+    reset,
+    None if mask is None else mask.astype(dtype),
+    save=False,
+  )
+  return final_state, outputs
+
+
+def _sequence_forward(
+  cell, unroll, inputs, w_i, w_h, b_i, b_h, initial_state, valid, reset, mask
+):
+  dtype = inputs.dtype
+  clean_inputs, projected = _prepare(inputs, w_i, b_i, valid)
+  mask_c = None if mask is None else mask.astype(dtype)
+  final_state, (outputs, residuals, h_in) = _forward_scan(
+    cell,
+    unroll,
+    projected,
+    w_h.astype(dtype),
+    None if b_h is None else b_h.astype(dtype),
+    _cast_all(initial_state, dtype),
+    valid,
+    reset,
+    mask_c,
+    save=True,
+  )
+  saved = (
+    clean_inputs,
+    residuals,
+    h_in,
+    w_i,
+    w_h,
+    b_i,
+    b_h,
+    initial_state,
+    valid,
+    reset,
+    mask_c,
+  )
+  return (final_state, outputs), saved
+
+
+def _sequence_backward(cell, unroll, saved, cotangents):
+  (
+    inputs,
+    residuals,
+    h_in,
+    w_i,
+    w_h,
+    b_i,
+    b_h,
+    initial_state,
+    valid,
+    reset,
+    mask,
+  ) = saved
+  d_final_state, d_outputs = cotangents
+  dtype = inputs.dtype
+  w_h_transposed = w_h.astype(dtype).T
+  d_final_state = _cast_all(d_final_state, dtype)
+  d_outputs = d_outputs.astype(dtype)
+
+  def body(carry, step_inputs):
+    d_state, d_initial = carry
+    residuals_t, d_output, valid_t, reset_t = step_inputs
+    d_new = (*d_state[:-1], d_state[-1] + d_output)
+    if valid_t is not None:
+      # A padded step's output and new state were discarded: its cotangents
+      # are exactly zero (residuals there are finite: the inputs were zeroed).
+      d_new = _select(valid_t, d_new, tuple(map(jnp.zeros_like, d_new)))
+    d_gx, d_gh, d_previous = cell.backward(residuals_t, d_new)
+    d_h_in = jnp.dot(d_gx if d_gh is None else d_gh, w_h_transposed)
+    if mask is not None:
+      d_h_in = d_h_in * mask
+    d_previous = (*d_previous[:-1], d_previous[-1] + d_h_in)
+    if valid_t is not None:
+      # ... and the state it left untouched passes its cotangent through.
+      d_previous = _select(valid_t, d_previous, d_state)
+    if reset_t is not None:
+      zeros = tuple(map(jnp.zeros_like, d_previous))
+      d_initial = tuple(
+        a + b
+        for a, b in zip(
+          d_initial, _select(reset_t, d_previous, zeros), strict=True
+        )
+      )
+      d_previous = _select(reset_t, zeros, d_previous)
+    return (d_previous, d_initial), (d_gx, d_gh)
+
+  d_initial = (
+    None if reset is None else tuple(map(jnp.zeros_like, d_final_state))
+  )
+  (d_state, d_initial), (d_gx, d_gh) = lax.scan(
+    body,
+    (d_final_state, d_initial),
+    (residuals, d_outputs, valid, reset),
+    reverse=True,
+    unroll=unroll,
+  )
+  if d_initial is not None:
+    d_state = tuple(a + b for a, b in zip(d_state, d_initial, strict=True))
+
+  steps, batch, _ = inputs.shape
+  flat = lambda a: a.reshape(steps * batch, a.shape[-1])  # noqa: E731
+  d_gx = flat(d_gx)
+  d_gh = d_gx if d_gh is None else flat(d_gh)
+  f32 = jnp.float32
+  d_w_i = jnp.dot(flat(inputs).T, d_gx, preferred_element_type=f32)
+  d_w_h = jnp.dot(flat(h_in).T, d_gh, preferred_element_type=f32)
+  d_inputs = jnp.dot(d_gx, w_i.astype(dtype).T).reshape(inputs.shape)
+  d_b_i = jnp.sum(d_gx, axis=0, dtype=f32)
+  d_b_h = None if b_h is None else jnp.sum(d_gh, axis=0, dtype=f32)
+  return (
+    d_inputs,
+    d_w_i.astype(w_i.dtype),
+    d_w_h.astype(w_h.dtype),
+    d_b_i.astype(b_i.dtype),
+    None if b_h is None else d_b_h.astype(b_h.dtype),
+    tuple(
+      d.astype(s.dtype) for d, s in zip(d_state, initial_state, strict=True)
+    ),
+    None,
+    None,
+    None,
+  )
+
+
+_sequence.defvjp(_sequence_forward, _sequence_backward)
+
+
+def _check(name, inputs, carry_size, w_i, w_h, biases, initial_state, **masks):
+  """Raises ``ValueError`` on shapes the kernels cannot run."""
+  if inputs.ndim != 3:
+    raise ValueError(
+      f"{name}: inputs must be (time, batch, features), got {inputs.shape}"
+    )
+  steps, batch, input_size = inputs.shape
+  features = w_h.shape[0]
+  width = carry_size * features
+  expected = {
+    "w_i": ((input_size, width), w_i.shape),
+    "w_h": ((features, width), w_h.shape),
+  }
+  for key, bias in biases.items():
+    expected[key] = ((width,), bias.shape)
+  for index, part in enumerate(initial_state):
+    expected[f"initial_carry[{index}]"] = ((batch, features), part.shape)
+  for key, value in masks.items():
+    if value is not None:
+      shape = (batch, features) if key == "recurrent_mask" else (steps, batch)
+      expected[key] = (shape, value.shape)
+  for key, (want, got) in expected.items():
+    if tuple(got) != want:
+      raise ValueError(f"{name}: {key} must have shape {want}, got {got}")
+
+
+def _as_bool(mask):
+  return None if mask is None else jnp.asarray(mask, bool)
+
+
+def lstm_sequence(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b: Array,
+  initial_carry: tuple[Array, Array],
+  *,
+  valid: Array | None = None,
+  reset: Array | None = None,
+  recurrent_mask: Array | None = None,
+  unroll: int = 1,
+) -> tuple[tuple[Array, Array], Array]:
+  r"""Runs an LSTM over a whole sequence with a fused VJP.
+
+  .. math::
+
+      z &= x_t W_i + h_{in} W_h + b, \quad z = [z_i, z_f, z_g, z_o] \\
+      c' &= \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad
+      h' = \sigma(z_o) \tanh(c')
+
+  with masking, resets and ``h_in`` as in the module docstring.
+
+  Args:
+    inputs: ``(T, B, D)``.
+    w_i: ``(D, 4F)``, gate blocks i, f, g, o.
+    w_h: ``(F, 4F)``.
+    b: ``(4F,)``.
+    initial_carry: ``(c, h)``, each ``(B, F)``.
+    valid: ``(T, B)`` bool, False at padded steps; None: all valid.
+    reset: ``(T, B)`` bool, True where a row's state restarts from
+      ``initial_carry`` (a packed row's next segment); None: never.
+    recurrent_mask: ``(B, F)`` dropout mask applied to ``h`` before ``W_h``,
+      kept units already scaled by ``1/(1-rate)``.
+    unroll: steps per scan iteration.
+
+  Returns:
+    ``((c, h), outputs)``: the carry after each row's last valid step and
+    the ``(T, B, F)`` outputs, zero at padded steps.
+  """
+  initial_carry = tuple(initial_carry)
+  _check(
+    "lstm_sequence",
+    inputs,
+    4,
+    w_i,
+    w_h,
+    {"b": b},
+    initial_carry,
+    valid=valid,
+    reset=reset,
+    recurrent_mask=recurrent_mask,
+  )
+  return _sequence(
+    _LSTM,
+    unroll,
+    inputs,
+    w_i,
+    w_h,
+    b,
+    None,
+    initial_carry,
+    _as_bool(valid),
+    _as_bool(reset),
+    recurrent_mask,
+  )
+
+
+def gru_sequence(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b_i: Array,
+  b_h: Array,
+  initial_carry: Array,
+  *,
+  valid: Array | None = None,
+  reset: Array | None = None,
+  recurrent_mask: Array | None = None,
+  unroll: int = 1,
+) -> tuple[Array, Array]:
+  r"""Runs a GRU over a whole sequence with a fused VJP.
+
+  .. math::
+
+      r &= \sigma(x_t W_{ir} + b_{ir} + h_{in} W_{hr} + b_{hr}), \quad
+      z = \sigma(x_t W_{iz} + b_{iz} + h_{in} W_{hz} + b_{hz}) \\
+      n &= \tanh(x_t W_{in} + b_{in} + r (h_{in} W_{hn} + b_{hn})), \quad
+      h' = (1 - z) n + z h
+
+  (the interpolation uses the undropped ``h``). Arguments as for
+  :func:`lstm_sequence`, with ``w_i (D, 3F)``, ``w_h (F, 3F)``,
+  ``b_i (3F,)``, ``b_h (3F,)`` in blocks r, z, n and the carry ``h (B, F)``.
+
+  Returns:
+    ``(h, outputs)``.
+  """
+  _check(
+    "gru_sequence",
+    inputs,
+    3,
+    w_i,
+    w_h,
+    {"b_i": b_i, "b_h": b_h},
+    (initial_carry,),
+    valid=valid,
+    reset=reset,
+    recurrent_mask=recurrent_mask,
+  )
+  (h,), outputs = _sequence(
+    _GRU,
+    unroll,
+    inputs,
+    w_i,
+    w_h,
+    b_i,
+    b_h,
+    (initial_carry,),
+    _as_bool(valid),
+    _as_bool(reset),
+    recurrent_mask,
+  )
+  return h, outputs
+
+
+def simple_sequence(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b: Array,
+  initial_carry: Array,
+  *,
+  valid: Array | None = None,
+  reset: Array | None = None,
+  recurrent_mask: Array | None = None,
+  unroll: int = 1,
+) -> tuple[Array, Array]:
+  r"""Runs an Elman RNN, :math:`h' = \tanh(x_t W_i + h_{in} W_h + b)`, fused.
+
+  Arguments as for :func:`lstm_sequence`, with ``w_i (D, F)``, ``w_h (F, F)``,
+  ``b (F,)`` and the carry ``h (B, F)``.
+
+  Returns:
+    ``(h, outputs)``.
+  """
+  _check(
+    "simple_sequence",
+    inputs,
+    1,
+    w_i,
+    w_h,
+    {"b": b},
+    (initial_carry,),
+    valid=valid,
+    reset=reset,
+    recurrent_mask=recurrent_mask,
+  )
+  (h,), outputs = _sequence(
+    _SIMPLE,
+    unroll,
+    inputs,
+    w_i,
+    w_h,
+    b,
+    None,
+    (initial_carry,),
+    _as_bool(valid),
+    _as_bool(reset),
+    recurrent_mask,
+  )
+  return h, outputs
