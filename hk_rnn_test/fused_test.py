@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 from jax import lax
+from jax.experimental import rnn
 
 from hk_rnn._src import fused
 
@@ -207,19 +208,17 @@ def _value_and_grad(run):
   return jax.jit(jax.value_and_grad(_loss(run), argnums=(0, 1, 2)))
 
 
-class FusedTest(parameterized.TestCase):
-  def assertTreeClose(self, actual, expected, atol, rtol=0.0):
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(
-        np.asarray(a, np.float64),
-        np.asarray(b, np.float64),
-        atol=atol,
-        rtol=rtol,
-      ),
-      actual,
-      expected,
-    )
+def _assert_tree_close(actual, expected, atol, rtol=0.0):
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      np.asarray(a, np.float64), np.asarray(b, np.float64), atol=atol, rtol=rtol
+    ),
+    actual,
+    expected,
+  )
 
+
+class FusedTest(parameterized.TestCase):
   @parameterized.product(cell=CELLS, case=CASES)
   def test_values_and_gradients_match_autodiff_scan(self, cell, case):
     inputs, params, carry, valid, reset, mask = _make_jax(cell, case)
@@ -232,11 +231,11 @@ class FusedTest(parameterized.TestCase):
     arguments = (inputs, params, carry)
     value, grads = _value_and_grad(fused_run)(*arguments)
     expected_value, expected_grads = _value_and_grad(reference_run)(*arguments)
-    self.assertTreeClose(
+    _assert_tree_close(
       jax.jit(fused_run)(*arguments), reference_run(*arguments), atol=1e-5
     )
     self.assertAllClose(value, expected_value)
-    self.assertTreeClose(grads, expected_grads, atol=1e-5, rtol=1e-5)
+    _assert_tree_close(grads, expected_grads, atol=1e-5, rtol=1e-5)
 
   def assertAllClose(self, a, b, atol=1e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5)
@@ -252,7 +251,7 @@ class FusedTest(parameterized.TestCase):
       reset=reset,
       mask=None if mask is None else jnp.asarray(mask, jnp.float32),
     )
-    self.assertTreeClose(actual, expected, atol=1e-5)
+    _assert_tree_close(actual, expected, atol=1e-5)
 
   @parameterized.parameters(*CELLS)
   def test_gradient_matches_numpy_finite_difference(self, cell):
@@ -299,7 +298,7 @@ class FusedTest(parameterized.TestCase):
     dirty = _value_and_grad(run)(poisoned, params, carry)
     for leaf in jax.tree.leaves(dirty):
       self.assertTrue(np.all(np.isfinite(leaf)))
-    self.assertTreeClose(dirty, clean, atol=0.0)
+    _assert_tree_close(dirty, clean, atol=0.0)
 
   @parameterized.parameters(*CELLS)
   def test_padded_steps_have_zero_outputs_and_input_gradients(self, cell):
@@ -319,7 +318,7 @@ class FusedTest(parameterized.TestCase):
       cell, inputs, params, carry, jnp.asarray(valid, bool), None, None
     )
     # Row 2 has length 0.
-    self.assertTreeClose(
+    _assert_tree_close(
       jax.tree.map(lambda a: a[2], final),
       jax.tree.map(lambda a: a[2], carry),
       atol=0.0,
@@ -343,7 +342,7 @@ class FusedTest(parameterized.TestCase):
       self.assertEqual(grad.dtype, argument.dtype)
     np.testing.assert_allclose(value, expected_value, rtol=0.05, atol=0.1)
     scale = max(np.max(np.abs(g)) for g in jax.tree.leaves(expected_grads))
-    self.assertTreeClose(grads, expected_grads, atol=0.05 * scale)
+    _assert_tree_close(grads, expected_grads, atol=0.05 * scale)
 
   def test_gradients_come_back_in_each_arguments_dtype(self):
     inputs, params, carry, *_ = _make("lstm", "plain")
@@ -378,7 +377,7 @@ class FusedTest(parameterized.TestCase):
       expected = loss_and_grad(
         inputs, params, carry, *_as((valid, reset), bool)
       )
-      self.assertTreeClose(
+      _assert_tree_close(
         jax.tree.map(lambda a: a[index], batched),  # noqa: B023
         expected,
         atol=1e-5,
@@ -402,7 +401,7 @@ class FusedTest(parameterized.TestCase):
       )(inputs, params, carry)
       for unroll in (1, 4)
     ]
-    self.assertTreeClose(results[0], results[1], atol=1e-5, rtol=1e-5)
+    _assert_tree_close(results[0], results[1], atol=1e-5, rtol=1e-5)
 
   def test_wrong_weight_shape_names_the_argument(self):
     inputs, params, carry, *_ = _make_jax("lstm", "plain")
@@ -410,6 +409,126 @@ class FusedTest(parameterized.TestCase):
       fused.lstm_sequence(
         inputs, params["w_i"], params["w_h"][:, :-1], params["b"], carry
       )
+
+
+def _cudnn_reference_lstm(
+  x, h_0, c_0, weights, seq_lengths, *, input_size, hidden_size, **options
+):
+  """``jax.experimental.rnn.lstm``'s signature, run by its CPU reference.
+
+  Unpacking with jax's own ``unpack_lstm_weights`` checks our packing
+  against the layout jax documents for cuDNN.
+  """
+  w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(
+    weights, input_size, hidden_size, 1, False
+  )
+  return rnn.lstm_ref(
+    x,
+    h_0,
+    c_0,
+    w_ih,
+    w_hh,
+    b_ih,
+    b_hh,
+    seq_lengths,
+    input_size,
+    hidden_size,
+    options["num_layers"],
+    options["dropout"],
+    options["bidirectional"],
+  )
+
+
+class CudnnTest(parameterized.TestCase):
+  """The cuDNN path, with cuDNN replaced by jax's CPU reference of it.
+
+  No GPU runs these tests: they check our weight packing, the batch-major
+  transposes, the lengths and the empty-row handling, not cuDNN itself.
+  """
+
+  @parameterized.parameters("plain", "lengths")
+  def test_matches_scan_kernel(self, case):
+    inputs, params, carry, valid, _, _ = _make_jax("lstm", case)
+
+    def through_cudnn(inputs, params, carry):
+      return fused.cudnn_lstm(
+        inputs,
+        params["w_i"],
+        params["w_h"],
+        params["b"],
+        carry,
+        valid=valid,
+        lstm_fn=_cudnn_reference_lstm,
+      )
+
+    def through_scan(inputs, params, carry):
+      return fused.lstm_sequence(
+        inputs,
+        params["w_i"],
+        params["w_h"],
+        params["b"],
+        carry,
+        valid=valid,
+        allow_cudnn=False,
+      )
+
+    expected = _value_and_grad(through_scan)(inputs, params, carry)
+    actual = _value_and_grad(through_cudnn)(inputs, params, carry)
+    _assert_tree_close(actual, expected, atol=1e-5, rtol=1e-5)
+    _assert_tree_close(
+      through_cudnn(inputs, params, carry),
+      through_scan(inputs, params, carry),
+      atol=1e-5,
+    )
+
+  def test_packing_puts_transposed_gate_blocks_first(self):
+    features, input_size = 2, 3
+    rng = np.random.default_rng(0)
+    w_i = jnp.asarray(rng.normal(size=(input_size, 4 * features)))
+    w_h = jnp.asarray(rng.normal(size=(features, 4 * features)))
+    b = jnp.asarray(rng.normal(size=(4 * features,)))
+    flat = fused.cudnn_lstm_weights(w_i, w_h, b)
+
+    self.assertEqual(
+      flat.shape,
+      (rnn.get_num_params_in_lstm(input_size, features, 1, False),),
+    )
+    w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(
+      flat, input_size, features, 1, False
+    )
+    np.testing.assert_array_equal(w_ih[0], w_i.T)
+    np.testing.assert_array_equal(w_hh[0], w_h.T)
+    np.testing.assert_array_equal(b_ih[0], b)
+    np.testing.assert_array_equal(b_hh[0], 0)
+
+  @parameterized.named_parameters(
+    ("cuda", {}, True),
+    ("cpu", {"platform": "cpu"}, False),
+    ("rocm_gate_order_differs", {"platform": "rocm"}, False),
+    ("reset", {"reset": True}, False),
+    ("recurrent_mask", {"mask": True}, False),
+    ("bfloat16", {"dtype": jnp.bfloat16}, False),
+  )
+  def test_dispatch_only_where_cudnn_computes_the_same(self, change, expected):
+    inputs, params, carry, _, reset, mask = _make_jax(
+      "lstm", "packed_dropout", dtype=change.get("dtype", jnp.float32)
+    )
+    self.assertEqual(
+      fused._cudnn_supports(
+        inputs,
+        params["w_i"],
+        params["w_h"],
+        params["b"],
+        carry,
+        reset if change.get("reset") else None,
+        mask if change.get("mask") else None,
+        change.get("platform", "cuda"),
+      ),
+      expected,
+    )
+
+  def test_cpu_never_dispatches_to_cudnn(self):
+    self.assertNotEqual(fused._platform(), "cuda")
 
 
 if __name__ == "__main__":

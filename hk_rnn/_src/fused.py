@@ -392,6 +392,7 @@ def lstm_sequence(
   reset: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
+  allow_cudnn: bool = True,
 ) -> tuple[tuple[Array, Array], Array]:
   r"""Runs an LSTM over a whole sequence with a fused VJP.
 
@@ -415,6 +416,10 @@ def lstm_sequence(
     recurrent_mask: ``(B, F)`` dropout mask applied to ``h`` before ``W_h``,
       kept units already scaled by ``1/(1-rate)``.
     unroll: steps per scan iteration.
+    allow_cudnn: on a CUDA GPU, run cuDNN's LSTM (``jax.experimental.rnn``)
+      where it computes the same thing: no ``reset``, no ``recurrent_mask``,
+      float32 throughout, padding only at the end of rows. cuDNN's op has no
+      batching rule: pass False to use this inside ``jax.vmap`` on GPU.
 
   Returns:
     ``((c, h), outputs)``: the carry after each row's last valid step and
@@ -433,6 +438,10 @@ def lstm_sequence(
     reset=reset,
     recurrent_mask=recurrent_mask,
   )
+  if allow_cudnn and _cudnn_supports(
+    inputs, w_i, w_h, b, initial_carry, reset, recurrent_mask, _platform()
+  ):
+    return cudnn_lstm(inputs, w_i, w_h, b, initial_carry, valid=valid)
   return _sequence(
     _LSTM,
     unroll,
@@ -551,3 +560,97 @@ def simple_sequence(
     recurrent_mask,
   )
   return h, outputs
+
+
+# cuDNN dispatch. ``jax.experimental.rnn.lstm`` takes batch-major inputs,
+# ``(layers, B, F)`` carries, int32 lengths and every parameter in one flat
+# float32 vector laid out as PyTorch's ``nn.LSTM``: ``W_ih (4F, D)``,
+# ``W_hh (4F, F)``, then ``b_ih (4F,)``, ``b_hh (4F,)``, gate blocks i, f, g,
+# o -- our order, transposed, with a second bias. It supports float32 only,
+# one sequence per row with padding at the end, and no dropout mask on h.
+
+
+def _platform() -> str:
+  """``"cuda"``, ``"rocm"`` or the default backend's name."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return backend
+  version = getattr(jax.devices()[0].client, "platform_version", "")
+  return "rocm" if "rocm" in str(version).lower() else "cuda"
+
+
+def _cudnn_supports(
+  inputs, w_i, w_h, b, initial_carry, reset, recurrent_mask, platform
+) -> bool:
+  """Whether cuDNN's LSTM computes exactly this call (see above)."""
+  arrays = (inputs, w_i, w_h, b, *initial_carry)
+  return (
+    platform == "cuda"
+    and reset is None
+    and recurrent_mask is None
+    and all(a.dtype == jnp.float32 for a in arrays)
+  )
+
+
+def cudnn_lstm_weights(w_i: Array, w_h: Array, b: Array) -> Array:
+  """Packs ``w_i (D, 4F)``, ``w_h (F, 4F)``, ``b (4F,)`` for cuDNN.
+
+  Returns the flat vector ``[w_iᵀ, w_hᵀ, b, 0]`` (row-major): cuDNN's two
+  biases are added, so ours goes in the first and the second is zero.
+  Differentiable: the flat gradient maps back through the transposes.
+  """
+  return jnp.concatenate(
+    [w_i.T.reshape(-1), w_h.T.reshape(-1), b, jnp.zeros_like(b)]
+  )
+
+
+def cudnn_lstm(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b: Array,
+  initial_carry: tuple[Array, Array],
+  *,
+  valid: Array | None = None,
+  lstm_fn: Callable[..., tuple[Array, Array, Array]] | None = None,
+) -> tuple[tuple[Array, Array], Array]:
+  """:func:`lstm_sequence` without resets or dropout, through cuDNN.
+
+  ``valid`` must mark a prefix of each row (padding at the end), as
+  ``hk_rnn.RNN`` guarantees. ``lstm_fn`` replaces
+  ``jax.experimental.rnn.lstm`` (same signature), which only lowers on CUDA;
+  tests pass a CPU reference.
+  """
+  if lstm_fn is None:
+    from jax.experimental import rnn
+
+    lstm_fn = rnn.lstm
+  steps, batch, input_size = inputs.shape
+  features = w_h.shape[0]
+  c_0, h_0 = initial_carry
+  if valid is None:
+    lengths = jnp.full((batch,), steps, jnp.int32)
+  else:
+    valid = jnp.asarray(valid, bool)
+    inputs = jnp.where(valid[..., None], inputs, 0)
+    lengths = jnp.sum(valid, axis=0, dtype=jnp.int32)
+  # cuDNN wants at least one step per row; an empty row runs one step on
+  # zeros whose results are then discarded (and so get no gradient).
+  outputs, h_n, c_n = lstm_fn(
+    jnp.swapaxes(inputs, 0, 1),
+    h_0[None],
+    c_0[None],
+    cudnn_lstm_weights(w_i, w_h, b),
+    jnp.maximum(lengths, 1),
+    input_size=input_size,
+    hidden_size=features,
+    num_layers=1,
+    dropout=0.0,
+    bidirectional=False,
+  )
+  outputs = jnp.swapaxes(outputs, 0, 1)
+  if valid is not None:
+    outputs = jnp.where(valid[..., None], outputs, 0)
+  empty = (lengths == 0)[:, None]
+  final = (jnp.where(empty, c_0, c_n[0]), jnp.where(empty, h_0, h_n[0]))
+  return final, outputs
