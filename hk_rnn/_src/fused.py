@@ -79,70 +79,105 @@ class _Cell(NamedTuple):
   backward: Callable[..., tuple[Array, Array | None, State]]
 
 
+def _activate(z: Array, tanh_blocks: tuple[bool, ...]) -> Array:
+  """σ on each gate block of ``z (B, G*F)``; tanh on blocks marked True.
+
+  In float32 and wider this is one logistic over the whole array, with
+  ``tanh(x) = 2σ(2x) - 1`` for the tanh blocks: XLA:CPU runs a transcendental
+  over a whole array several times faster than over column slices of it, and
+  inside a scan step this gate math costs as much as the recurrent GEMM. In
+  narrower dtypes ``2σ(2x) - 1`` loses the relative precision of small
+  values, so those take the sliced route.
+  """
+  blocks = len(tanh_blocks)
+  if jnp.finfo(z.dtype).bits < 32:
+    parts = jnp.split(z, blocks, axis=-1)
+    return jnp.concatenate(
+      [
+        jnp.tanh(p) if tanh else jax.nn.sigmoid(p)
+        for p, tanh in zip(parts, tanh_blocks, strict=True)
+      ],
+      axis=-1,
+    )
+  features = z.shape[-1] // blocks
+  scale = jnp.repeat(
+    jnp.asarray([2 if tanh else 1 for tanh in tanh_blocks], z.dtype), features
+  )
+  return jax.nn.sigmoid(z * scale) * scale - (scale - 1)
+
+
+def _tanh(x: Array) -> Array:
+  """tanh, as ``2σ(2x) - 1`` in float32 (see ``_activate``)."""
+  if jnp.finfo(x.dtype).bits < 32:
+    return jnp.tanh(x)
+  return 2 * jax.nn.sigmoid(2 * x) - 1
+
+
 # LSTM. Backward math, with c' = f c + i g and h' = o tanh(c'):
 #   dc_total = dc' + dh' o (1 - tanh²c')
 #   dz = [dc_total g i(1-i), dc_total c f(1-f), dc_total i (1-g²),
 #         dh' tanh(c') o(1-o)],   dc = dc_total f.
-# The step saves the four coefficients that multiply dc_total or dh', so the
-# backward step is a handful of multiplies around its GEMM.
+# The step saves the activations, c and tanh(c'); the backward step is then
+# multiplications around its GEMM, with no transcendental.
 
 
 def _lstm_step(gx, gh, state, save):
   c, _ = state
-  i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
-  i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
-  g = jnp.tanh(g)
+  activations = _activate(gx + gh, (False, False, True, False))
+  i, f, g, o = jnp.split(activations, 4, axis=-1)
   new_c = f * c + i * g
   tanh_c = jnp.tanh(new_c)
   new_h = o * tanh_c
-  if not save:
-    return (new_c, new_h), new_h, None
-  gate_coefficients = jnp.concatenate(
-    [g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)],
-    axis=-1,
-  )
-  c_from_h = o * (1 - tanh_c * tanh_c)
-  return (new_c, new_h), new_h, (gate_coefficients, c_from_h, f)
+  residuals = (activations, c, tanh_c) if save else None
+  return (new_c, new_h), new_h, residuals
 
 
 def _lstm_backward(residuals, d_state):
-  gate_coefficients, c_from_h, f = residuals
+  activations, c, tanh_c = residuals
+  i, f, g, o = jnp.split(activations, 4, axis=-1)
   d_c, d_h = d_state
-  d_c = d_c + d_h * c_from_h
-  d_z = jnp.concatenate([d_c, d_c, d_c, d_h], axis=-1) * gate_coefficients
+  d_c = d_c + d_h * o * (1 - tanh_c * tanh_c)
+  d_z = jnp.concatenate(
+    [
+      d_c * g * i * (1 - i),
+      d_c * c * f * (1 - f),
+      d_c * i * (1 - g * g),
+      d_h * tanh_c * o * (1 - o),
+    ],
+    axis=-1,
+  )
   return d_z, None, (d_c * f, jnp.zeros_like(d_h))
 
 
-# GRU, with gh = h_in W_h + b_h and h' = n + z (h - n):
-#   dn_pre = dh' (1-z)(1-n²);  dz_pre = dh' (h-n) z(1-z);
-#   dr_pre = dn_pre gh_n r(1-r);  d_gx = [dr_pre, dz_pre, dn_pre];
-#   d_gh = [dr_pre, dz_pre, dn_pre r];  dh (direct) = dh' z.
+# GRU, with gh = h_in W_h + b_h, u = gx_n + r gh_n, n = tanh(u) and
+# h' = n + z (h - n):
+#   dn_pre = dh' (1-z)(1-n²);  d_gx = [dn_pre gh_n r(1-r), dh' (h-n) z(1-z),
+#   dn_pre];  d_gh = [the same r and z blocks, dn_pre r];  dh (direct) = dh' z.
 
 
 def _gru_step(gx, gh, state, save):
   (h,) = state
-  x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
-  h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
-  r = jax.nn.sigmoid(x_r + h_r)
-  z = jax.nn.sigmoid(x_z + h_z)
-  n = jnp.tanh(x_n + r * h_n)
-  new_h = n + z * (h - n)
-  if not save:
-    return (new_h,), new_h, None
-  n_coefficient = (1 - z) * (1 - n * n)
-  input_coefficients = jnp.concatenate(
-    [n_coefficient * h_n * r * (1 - r), (h - n) * z * (1 - z), n_coefficient],
-    axis=-1,
-  )
-  return (new_h,), new_h, (input_coefficients, n_coefficient * r, z)
+  # σ over all three blocks (the n block's is unused): see ``_activate``.
+  gates = _activate(gx + gh, (False, False, False))
+  r, z, _ = jnp.split(gates, 3, axis=-1)
+  _, _, x_n = jnp.split(gx, 3, axis=-1)
+  _, _, h_n = jnp.split(gh, 3, axis=-1)
+  n = _tanh(x_n + r * h_n)
+  h_minus_n = h - n
+  new_h = n + z * h_minus_n
+  residuals = (gates, n, h_n, h_minus_n) if save else None
+  return (new_h,), new_h, residuals
 
 
 def _gru_backward(residuals, d_state):
-  input_coefficients, recurrent_n_coefficient, z = residuals
+  gates, n, h_n, h_minus_n = residuals
+  r, z, _ = jnp.split(gates, 3, axis=-1)
   (d_h,) = d_state
-  d_gx = jnp.concatenate([d_h, d_h, d_h], axis=-1) * input_coefficients
-  d_r, d_z, _ = jnp.split(d_gx, 3, axis=-1)
-  d_gh = jnp.concatenate([d_r, d_z, d_h * recurrent_n_coefficient], axis=-1)
+  d_n = d_h * (1 - z) * (1 - n * n)
+  d_r = d_n * h_n * r * (1 - r)
+  d_z = d_h * h_minus_n * z * (1 - z)
+  d_gx = jnp.concatenate([d_r, d_z, d_n], axis=-1)
+  d_gh = jnp.concatenate([d_r, d_z, d_n * r], axis=-1)
   return d_gx, d_gh, (d_h * z,)
 
 
@@ -152,14 +187,13 @@ def _gru_backward(residuals, d_state):
 def _simple_step(gx, gh, state, save):
   del state
   new_h = jnp.tanh(gx + gh)
-  residuals = (1 - new_h * new_h,) if save else None
-  return (new_h,), new_h, residuals
+  return (new_h,), new_h, ((new_h,) if save else None)
 
 
 def _simple_backward(residuals, d_state):
-  (derivative,) = residuals
+  (new_h,) = residuals
   (d_h,) = d_state
-  return d_h * derivative, None, (jnp.zeros_like(d_h),)
+  return d_h * (1 - new_h * new_h), None, (jnp.zeros_like(d_h),)
 
 
 _LSTM = _Cell(_lstm_step, _lstm_backward)
