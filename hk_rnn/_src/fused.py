@@ -113,12 +113,31 @@ def _tanh(x: Array) -> Array:
   return 2 * jax.nn.sigmoid(2 * x) - 1
 
 
+def _blocks(*pieces: Array) -> Array:
+  """``concatenate(pieces, -1)`` for ``(B, F)`` pieces, as broadcasts and selects.
+
+  XLA:CPU runs a concatenate as a kernel of its own, while broadcasts and
+  selects fuse into the elementwise op that consumes them; in a scan step
+  every kernel launch costs about as much as the arithmetic of a gate.
+  Every element evaluates every piece, so the pieces should be cheap.
+  """
+  batch, features = pieces[0].shape
+  shape = (batch, len(pieces), features)
+  block = lax.broadcasted_iota(jnp.int32, shape, 1)
+  result = jnp.broadcast_to(pieces[-1][:, None, :], shape)
+  for index in range(len(pieces) - 2, -1, -1):
+    piece = jnp.broadcast_to(pieces[index][:, None, :], shape)
+    result = jnp.where(block == index, piece, result)
+  return result.reshape(batch, len(pieces) * features)
+
+
 # LSTM. Backward math, with c' = f c + i g and h' = o tanh(c'):
 #   dc_total = dc' + dh' o (1 - tanh²c')
 #   dz = [dc_total g i(1-i), dc_total c f(1-f), dc_total i (1-g²),
 #         dh' tanh(c') o(1-o)],   dc = dc_total f.
-# The step saves the activations, c and tanh(c'); the backward step is then
-# multiplications around its GEMM, with no transcendental.
+# The step saves the coefficients K of dz = [dc_total, dc_total, dc_total,
+# dh'] ⊙ K, o (1 - tanh²c') and f: the backward step is then one
+# elementwise kernel for dz and one for dc around its GEMM.
 
 
 def _lstm_step(gx, gh, state, save):
@@ -128,24 +147,21 @@ def _lstm_step(gx, gh, state, save):
   new_c = f * c + i * g
   tanh_c = jnp.tanh(new_c)
   new_h = o * tanh_c
-  residuals = (activations, c, tanh_c) if save else None
-  return (new_c, new_h), new_h, residuals
+  if not save:
+    return (new_c, new_h), new_h, None
+  # σ' = σ(1-σ) and tanh' = 1 - tanh² = (1 - tanh)(1 + tanh).
+  derivatives = (1 - activations) * (
+    activations + _blocks(*(jnp.full_like(c, k) for k in (0, 0, 1, 0)))
+  )
+  coefficients = derivatives * _blocks(g, c, i, tanh_c)
+  return (new_c, new_h), new_h, (coefficients, o * (1 - tanh_c * tanh_c), f)
 
 
 def _lstm_backward(residuals, d_state):
-  activations, c, tanh_c = residuals
-  i, f, g, o = jnp.split(activations, 4, axis=-1)
+  coefficients, c_from_h, f = residuals
   d_c, d_h = d_state
-  d_c = d_c + d_h * o * (1 - tanh_c * tanh_c)
-  d_z = jnp.concatenate(
-    [
-      d_c * g * i * (1 - i),
-      d_c * c * f * (1 - f),
-      d_c * i * (1 - g * g),
-      d_h * tanh_c * o * (1 - o),
-    ],
-    axis=-1,
-  )
+  d_c = d_c + d_h * c_from_h
+  d_z = _blocks(d_c, d_c, d_c, d_h) * coefficients
   return d_z, None, (d_c * f, jnp.zeros_like(d_h))
 
 
@@ -153,6 +169,7 @@ def _lstm_backward(residuals, d_state):
 # h' = n + z (h - n):
 #   dn_pre = dh' (1-z)(1-n²);  d_gx = [dn_pre gh_n r(1-r), dh' (h-n) z(1-z),
 #   dn_pre];  d_gh = [the same r and z blocks, dn_pre r];  dh (direct) = dh' z.
+# The step saves K_x and K_h with d_gx = [dh']*3 ⊙ K_x, d_gh = [dh']*3 ⊙ K_h.
 
 
 def _gru_step(gx, gh, state, save):
@@ -163,22 +180,25 @@ def _gru_step(gx, gh, state, save):
   _, _, x_n = jnp.split(gx, 3, axis=-1)
   _, _, h_n = jnp.split(gh, 3, axis=-1)
   n = _tanh(x_n + r * h_n)
-  h_minus_n = h - n
-  new_h = n + z * h_minus_n
-  residuals = (gates, n, h_n, h_minus_n) if save else None
+  new_h = n + z * (h - n)
+  if not save:
+    return (new_h,), new_h, None
+  d_n = (1 - z) * (1 - n * n)
+  d_r = d_n * h_n * r * (1 - r)
+  d_z = (h - n) * z * (1 - z)
+  residuals = (_blocks(d_r, d_z, d_n), _blocks(d_r, d_z, d_n * r), z)
   return (new_h,), new_h, residuals
 
 
 def _gru_backward(residuals, d_state):
-  gates, n, h_n, h_minus_n = residuals
-  r, z, _ = jnp.split(gates, 3, axis=-1)
+  input_coefficients, recurrent_coefficients, z = residuals
   (d_h,) = d_state
-  d_n = d_h * (1 - z) * (1 - n * n)
-  d_r = d_n * h_n * r * (1 - r)
-  d_z = d_h * h_minus_n * z * (1 - z)
-  d_gx = jnp.concatenate([d_r, d_z, d_n], axis=-1)
-  d_gh = jnp.concatenate([d_r, d_z, d_n * r], axis=-1)
-  return d_gx, d_gh, (d_h * z,)
+  d_h3 = _blocks(d_h, d_h, d_h)
+  return (
+    d_h3 * input_coefficients,
+    d_h3 * recurrent_coefficients,
+    (d_h * z,),
+  )
 
 
 # Simple: h' = tanh(gx + gh), d_gx = dh' (1 - h'²).
