@@ -1,10 +1,11 @@
 r"""Times recurrent training steps of hk_rnn and its peers side by side.
 
-Every contender installed (hk_rnn; Flax ``nn.RNN`` with ``LSTMCell``,
-``OptimizedLSTMCell`` or ``GRUCell``; Haiku ``hk.LSTM``/``hk.GRU`` with
-``hk.dynamic_unroll``; PyTorch ``nn.LSTM``/``nn.GRU``, with
-``pack_padded_sequence`` where rows have lengths) runs the same case in one
-process. A training step is a jitted forward and backward pass of
+Every contender installed (hk_rnn with its fused kernels, and with
+``fused=False``, a plain ``hk.scan`` of the cell; Flax ``nn.RNN`` with
+``LSTMCell``, ``OptimizedLSTMCell`` or ``GRUCell``; Haiku
+``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
+``nn.LSTM``/``nn.GRU``, with ``pack_padded_sequence`` where rows have
+lengths) runs the same case in one process. A training step is a jitted forward and backward pass of
 ``loss = Σ outputs + Σ final carry`` with respect to the parameters;
 inference is the forward pass alone. Rounds interleave the contenders (the
 order rotates each round), each block starts with an untimed warm-up call,
@@ -175,21 +176,27 @@ def _haiku_model(build):
   )
 
 
-def hk_rnn_fused(case: Case, inputs, lengths) -> Runner | None:
-  """hk_rnn through its public API (the fused kernels dispatch inside)."""
-  import hk_rnn
+def _hk_rnn(use_fused: bool):
+  def runner(case: Case, inputs, lengths) -> Runner | None:
+    """hk_rnn through its public API, fused kernels on or off."""
+    import hk_rnn
 
-  if not hasattr(hk_rnn, "RNN"):
-    return _hk_rnn_kernels(case, inputs, lengths)
-  cell_class = {"lstm": hk_rnn.LSTMCell, "gru": hk_rnn.GRUCell}[case.cell]
+    if not hasattr(hk_rnn, "RNN"):
+      return _hk_rnn_kernels(case, inputs, lengths) if use_fused else None
+    cell_class = {"lstm": hk_rnn.LSTMCell, "gru": hk_rnn.GRUCell}[case.cell]
 
-  def build(x, n):
-    layer = hk_rnn.RNN(cell_class(case.features))
-    if case.bidirectional:
-      layer = hk_rnn.Bidirectional(layer, hk_rnn.RNN(cell_class(case.features)))
-    return layer(x, seq_lengths=n if case.masked else None)
+    def build(x, n):
+      def layer():
+        return hk_rnn.RNN(cell_class(case.features), fused=use_fused)
 
-  return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+      module = layer()
+      if case.bidirectional:
+        module = hk_rnn.Bidirectional(module, layer())
+      return module(x, seq_lengths=n if case.masked else None)
+
+    return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+
+  return runner
 
 
 def _hk_rnn_kernels(case: Case, inputs, lengths) -> Runner | None:
@@ -369,7 +376,9 @@ def _torch_memory_child(case_name: str, seed: int) -> None:
 # --- Driver -----------------------------------------------------------------
 
 CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
-  "hk_rnn": ("hk_rnn", hk_rnn_fused),
+  "hk_rnn": ("hk_rnn", _hk_rnn(True)),
+  # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
+  "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
   "flax_lstm": ("flax", _flax("LSTMCell")),
   "flax_optimized_lstm": ("flax", _flax("OptimizedLSTMCell")),
   "flax_gru": ("flax", _flax("GRUCell")),
