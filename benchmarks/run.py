@@ -352,7 +352,7 @@ def _torch_peak_rss_growth(case: Case, seed: int) -> int | None:
     case.name,
     "--seed",
     str(seed),
-    *(["--tiny"] if case.batch == 4 and case.time == 8 else []),
+    *(["--tiny"] if case == _tiny(CASES[case.name]) else []),
   ]
   try:
     result = subprocess.run(
@@ -363,8 +363,12 @@ def _torch_peak_rss_growth(case: Case, seed: int) -> int | None:
   return int(result.stdout.strip().splitlines()[-1])
 
 
-def _torch_memory_child(case_name: str, seed: int) -> None:
-  case = CASES[case_name]
+def _tiny(case: Case) -> Case:
+  """``case`` at smoke-test size."""
+  return dataclasses.replace(case, batch=4, time=8, inputs=8, features=16)
+
+
+def _torch_memory_child(case: Case, seed: int) -> None:
   step = _torch_step(case, *make_data(case, seed))
   before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   for _ in range(3):
@@ -436,7 +440,7 @@ def _format_bytes(count):
   return "–" if count is None else f"{count / 2**20:.1f} MiB"
 
 
-def _markdown(results, meta) -> str:
+def _markdown(results, cases, meta) -> str:
   lines = [
     "# hk_rnn benchmarks",
     "",
@@ -453,7 +457,7 @@ def _markdown(results, meta) -> str:
     "(PyTorch).",
   ]
   for case_name, by_contender in results.items():
-    case = CASES[case_name]
+    case = cases[case_name]
     lead = by_contender.get(LEAD)
     lines += [
       "",
@@ -477,20 +481,19 @@ def _markdown(results, meta) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _chart(results, path) -> None:
+def _chart(results, cases, path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  cases = list(results)
   figure, axes = plt.subplots(
-    len(cases),
+    len(results),
     1,
-    figsize=(7, 1.0 + 1.3 * sum(len(results[c]) for c in cases) / 3),
+    figsize=(7, 1.0 + 1.3 * sum(len(r) for r in results.values()) / 3),
   )
   axes = np.atleast_1d(axes)
-  for axis, case_name in zip(axes, cases, strict=True):
+  for axis, case_name in zip(axes, results, strict=True):
     by_contender = sorted(
       results[case_name].items(), key=lambda item: -item[1]["median_s"]
     )
@@ -498,7 +501,7 @@ def _chart(results, path) -> None:
     medians = [result["median_s"] * 1e3 for _, result in by_contender]
     colors = ["tab:red" if name == LEAD else "tab:gray" for name in names]
     axis.barh(names, medians, color=colors)
-    axis.set_title(CASES[case_name].title, fontsize=9)
+    axis.set_title(cases[case_name].title, fontsize=9)
     axis.set_xlabel("median ms per step", fontsize=8)
     axis.tick_params(labelsize=8)
   figure.tight_layout()
@@ -559,13 +562,11 @@ def main(argv=None) -> None:
   parser.add_argument("--torch-memory-child", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
-  if args.tiny:
-    for name, case in CASES.items():
-      CASES[name] = dataclasses.replace(
-        case, batch=4, time=8, inputs=8, features=16
-      )
+  cases = {
+    name: _tiny(case) if args.tiny else case for name, case in CASES.items()
+  }
   if args.torch_memory_child:
-    _torch_memory_child(args.torch_memory_child, args.seed)
+    _torch_memory_child(cases[args.torch_memory_child], args.seed)
     return
   case_names = args.cases.split(",")
   rounds, iters = args.rounds, args.iters
@@ -589,7 +590,7 @@ def main(argv=None) -> None:
   for name in case_names:
     log(f"{name}: compiling and timing")
     results[name] = _time_case(
-      CASES[name],
+      cases[name],
       contenders,
       rounds,
       iters,
@@ -609,12 +610,12 @@ def main(argv=None) -> None:
     "iters": iters,
   }
   os.makedirs(args.out, exist_ok=True)
-  table = _markdown(results, meta)
+  table = _markdown(results, cases, meta)
   with open(os.path.join(args.out, "results.md"), "w") as file:
     file.write(table)
   with open(os.path.join(args.out, "results.json"), "w") as file:
     json.dump({"meta": meta, "results": results}, file, indent=1)
-  _chart(results, os.path.join(args.out, "chart.png"))
+  _chart(results, cases, os.path.join(args.out, "chart.png"))
   print(table)
 
 
