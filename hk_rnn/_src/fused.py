@@ -458,6 +458,17 @@ def lstm_sequence(
 
   with masking, resets and ``h_in`` as in the module docstring.
 
+  >>> import jax.numpy as jnp
+  >>> from hk_rnn._src import fused
+  >>> inputs = jnp.ones((5, 2, 3))                     # (time, batch, in)
+  >>> w_i, w_h, b = jnp.ones((3, 16)), jnp.ones((4, 16)), jnp.zeros(16)
+  >>> carry = (jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+  >>> valid = jnp.arange(5)[:, None] < jnp.array([5, 2])  # lengths 5 and 2
+  >>> (c, h), outputs = fused.lstm_sequence(
+  ...     inputs, w_i, w_h, b, carry, valid=valid)
+  >>> outputs.shape, bool((outputs[2:, 1] == 0).all())
+  ((5, 2, 4), True)
+
   Args:
     inputs: ``(T, B, D)``.
     w_i: ``(D, 4F)``, gate blocks i, f, g, o.
