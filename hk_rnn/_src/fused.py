@@ -73,10 +73,16 @@ class _Cell(NamedTuple):
   output's already added to ``h``'s) and returns ``(d_gx, d_gh, d_state)``:
   the cotangents of ``gx``, of ``gh`` (``None`` when equal to ``d_gx``) and
   of the state before the step, not counting the path through ``h_in``.
+
+  The first residual has ``gx``'s shape, and so does the second when
+  ``backward`` returns a separate ``d_gh``: the scans overwrite ``gx`` with
+  the first and then the first with ``d_gx`` (the second with ``d_gh``) in
+  place, which saves two ``(T, B, G*F)`` arrays of memory.
   """
 
   step: Callable[..., tuple[State, Array, Any]]
   backward: Callable[..., tuple[Array, Array | None, State]]
+  separate_recurrent_cotangent: bool = False
 
 
 def _activate(z: Array, tanh_blocks: tuple[bool, ...]) -> Array:
@@ -217,7 +223,7 @@ def _simple_backward(residuals, d_state):
 
 
 _LSTM = _Cell(_lstm_step, _lstm_backward)
-_GRU = _Cell(_gru_step, _gru_backward)
+_GRU = _Cell(_gru_step, _gru_backward, separate_recurrent_cotangent=True)
 _SIMPLE = _Cell(_simple_step, _simple_backward)
 
 
@@ -238,10 +244,16 @@ def _prepare(inputs, w_i, b_i, valid):
 def _forward_scan(
   cell, unroll, projected, w_h, b_h, initial_state, valid, reset, mask, save
 ):
-  """Runs the recurrence over the projected inputs (see the module doc)."""
+  """Runs the recurrence over the projected inputs (see the module doc).
 
-  def body(state, step_inputs):
-    gx, valid_t, reset_t = step_inputs
+  With ``save``, each step's first residual (shaped like its ``gx``)
+  overwrites ``gx`` in the ``projected`` buffer, which the scan carries:
+  XLA updates a carried buffer in place, so the residuals need no second
+  ``(T, B, G*F)`` array. Returns ``(final_state, outputs)``, or with
+  ``save`` ``(final_state, (outputs, residuals, h_in))``.
+  """
+
+  def step(state, gx, valid_t, reset_t):
     if reset_t is not None:
       state = _select(reset_t, initial_state, state)
     h_in = state[-1] if mask is None else state[-1] * mask
@@ -252,9 +264,34 @@ def _forward_scan(
     if valid_t is not None:
       new_state = _select(valid_t, new_state, state)
       output = jnp.where(valid_t[:, None], output, 0)
-    return new_state, ((output, residuals, h_in) if save else output)
+    return new_state, output, residuals, h_in
 
-  return lax.scan(body, initial_state, (projected, valid, reset), unroll=unroll)
+  if not save:
+
+    def body(state, step_inputs):
+      new_state, output, _, _ = step(state, *step_inputs)
+      return new_state, output
+
+    return lax.scan(
+      body, initial_state, (projected, valid, reset), unroll=unroll
+    )
+
+  def saving_body(carry, step_inputs):
+    state, buffer = carry
+    index, valid_t, reset_t = step_inputs
+    gx = lax.dynamic_index_in_dim(buffer, index, keepdims=False)
+    new_state, output, (first, *rest), h_in = step(state, gx, valid_t, reset_t)
+    buffer = lax.dynamic_update_index_in_dim(buffer, first, index, 0)
+    return (new_state, buffer), (output, tuple(rest), h_in)
+
+  steps = jnp.arange(projected.shape[0])
+  (final_state, buffer), (outputs, rest, h_in) = lax.scan(
+    saving_body,
+    (initial_state, projected),
+    (steps, valid, reset),
+    unroll=unroll,
+  )
+  return final_state, (outputs, (buffer, *rest), h_in)
 
 
 def _cast_all(arrays, dtype):
@@ -337,9 +374,18 @@ def _sequence_backward(cell, unroll, saved, cotangents):
   d_final_state = _cast_all(d_final_state, dtype)
   d_outputs = d_outputs.astype(dtype)
 
+  # As in the forward scan, each step's ``d_gx`` (and ``d_gh``) overwrite
+  # its first (and second) residual in the carried buffers.
+  in_place = 2 if cell.separate_recurrent_cotangent else 1
+  buffers, rest = tuple(residuals[:in_place]), tuple(residuals[in_place:])
+
   def body(carry, step_inputs):
-    d_state, d_initial = carry
-    residuals_t, d_output, valid_t, reset_t = step_inputs
+    d_state, d_initial, buffers = carry
+    index, rest_t, d_output, valid_t, reset_t = step_inputs
+    residuals_t = (
+      *(lax.dynamic_index_in_dim(b, index, keepdims=False) for b in buffers),
+      *rest_t,
+    )
     d_new = (*d_state[:-1], d_state[-1] + d_output)
     if valid_t is not None:
       # A padded step's output and new state were discarded: its cotangents
@@ -362,18 +408,23 @@ def _sequence_backward(cell, unroll, saved, cotangents):
         )
       )
       d_previous = _select(reset_t, zeros, d_previous)
-    return (d_previous, d_initial), (d_gx, d_gh)
+    buffers = tuple(
+      lax.dynamic_update_index_in_dim(b, d, index, 0)
+      for b, d in zip(buffers, (d_gx, d_gh)[:in_place], strict=True)
+    )
+    return (d_previous, d_initial, buffers), None
 
   d_initial = (
     None if reset is None else tuple(map(jnp.zeros_like, d_final_state))
   )
-  (d_state, d_initial), (d_gx, d_gh) = lax.scan(
+  (d_state, d_initial, (d_gx, *d_gh)), _ = lax.scan(
     body,
-    (d_final_state, d_initial),
-    (residuals, d_outputs, valid, reset),
+    (d_final_state, d_initial, buffers),
+    (jnp.arange(d_outputs.shape[0]), rest, d_outputs, valid, reset),
     reverse=True,
     unroll=unroll,
   )
+  d_gh = d_gh[0] if d_gh else None
   if d_initial is not None:
     d_state = tuple(a + b for a, b in zip(d_state, d_initial, strict=True))
 
