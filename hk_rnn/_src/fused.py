@@ -227,22 +227,34 @@ _GRU = _Cell(_gru_step, _gru_backward, separate_recurrent_cotangent=True)
 _SIMPLE = _Cell(_simple_step, _simple_backward)
 
 
-def _prepare(inputs, w_i, b_i, valid):
-  """Zeroes padded inputs and projects all steps: ``(T, B, G*F)``."""
+def _prepare(inputs, w_i, valid):
+  """Zeroes padded inputs and projects all steps: ``X W_i``, ``(T, B, G*F)``.
+
+  The bias is added inside the scan step, where it fuses into the gate
+  math, instead of in a pass of its own over the whole projection.
+  """
   dtype = inputs.dtype
   if valid is not None:
     # Padding may hold NaN; zeroed here it reaches neither the gate values
     # nor ``dW_i = Xᵀ dZ`` (where NaN * 0 would still be NaN).
     inputs = jnp.where(valid[..., None], inputs, 0)
   steps, batch, _ = inputs.shape
-  projected = jnp.dot(
-    inputs.reshape(steps * batch, -1), w_i.astype(dtype)
-  ) + b_i.astype(dtype)
+  projected = jnp.dot(inputs.reshape(steps * batch, -1), w_i.astype(dtype))
   return inputs, projected.reshape(steps, batch, -1)
 
 
 def _forward_scan(
-  cell, unroll, projected, w_h, b_h, initial_state, valid, reset, mask, save
+  cell,
+  unroll,
+  projected,
+  w_h,
+  b_i,
+  b_h,
+  initial_state,
+  valid,
+  reset,
+  mask,
+  save,
 ):
   """Runs the recurrence over the projected inputs (see the module doc).
 
@@ -260,7 +272,7 @@ def _forward_scan(
     gh = jnp.dot(h_in, w_h)
     if b_h is not None:
       gh = gh + b_h
-    new_state, output, residuals = cell.step(gx, gh, state, save)
+    new_state, output, residuals = cell.step(gx + b_i, gh, state, save)
     if valid_t is not None:
       new_state = _select(valid_t, new_state, state)
       output = jnp.where(valid_t[:, None], output, 0)
@@ -304,12 +316,13 @@ def _sequence(
 ):
   """The fused recurrence; ``b_h`` is ``None`` for single-bias cells."""
   dtype = inputs.dtype
-  _, projected = _prepare(inputs, w_i, b_i, valid)
+  _, projected = _prepare(inputs, w_i, valid)
   final_state, outputs = _forward_scan(
     cell,
     unroll,
     projected,
     w_h.astype(dtype),
+    b_i.astype(dtype),
     None if b_h is None else b_h.astype(dtype),
     _cast_all(initial_state, dtype),
     valid,
@@ -324,13 +337,14 @@ def _sequence_forward(
   cell, unroll, inputs, w_i, w_h, b_i, b_h, initial_state, valid, reset, mask
 ):
   dtype = inputs.dtype
-  clean_inputs, projected = _prepare(inputs, w_i, b_i, valid)
+  clean_inputs, projected = _prepare(inputs, w_i, valid)
   mask_c = None if mask is None else mask.astype(dtype)
   final_state, (outputs, residuals, h_in) = _forward_scan(
     cell,
     unroll,
     projected,
     w_h.astype(dtype),
+    b_i.astype(dtype),
     None if b_h is None else b_h.astype(dtype),
     _cast_all(initial_state, dtype),
     valid,
