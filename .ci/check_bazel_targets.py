@@ -225,7 +225,7 @@ def check() -> list[str]:
       if source not in file_set:
         problems.append(
           f"{target.build_file}: {target.label} lists {source}, which does "
-          "not exist: remove it from srcs (or the target)"
+          "not exist: add the file, or remove it from srcs (or the target)"
         )
 
   def resolve(label: str) -> str:
