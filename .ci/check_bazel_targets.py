@@ -297,13 +297,18 @@ def check() -> list[str]:
       providers = {t.label for t in owners.get(imported, [])}
       if not providers:
         continue  # Reported above as a file without a target.
+      # The one to suggest: a library where there is one, else the test or
+      # binary whose source it is.
+      provider = min(
+        owners[imported], key=lambda t: (t.rule != "py_library", t.label)
+      ).label
       for owner in target_owners:
         deps = {resolve(dep) for dep in owner.deps}
         if owner.label in providers or deps & providers:
           continue
         problems.append(
           f"{path} imports {module}: add "
-          f'"{shortest(sorted(providers)[0], owner.label)}" to the deps '
+          f'"{shortest(provider, owner.label)}" to the deps '
           f"of {owner.label} in {owner.build_file}"
         )
   return problems
