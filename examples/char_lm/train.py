@@ -48,7 +48,10 @@ _TEXT_PATH = flags.DEFINE_string(
   "A UTF-8 text file to model. Default: the standard library's .py sources.",
 )
 _MAX_CHARS = flags.DEFINE_integer(
-  "max_chars", 2_000_000, "Read at most this many characters of the corpus."
+  "max_chars",
+  2_000_000,
+  "Read at most this many characters of the corpus.",
+  lower_bound=1,
 )
 _EVAL_FRACTION = flags.DEFINE_float(
   "eval_fraction", 0.05, "Fraction of the corpus, at its end, held out."
@@ -57,20 +60,35 @@ _EVAL_CHARS = flags.DEFINE_integer(
   "eval_chars",
   65_536,
   "Evaluate on at most this many held-out characters (evaluation cost).",
+  lower_bound=1,
 )
 _SEQ_LENGTH = flags.DEFINE_integer(
-  "seq_length", 64, "Truncated-BPTT window: characters per row per step."
+  "seq_length",
+  64,
+  "Truncated-BPTT window: characters per row per step.",
+  lower_bound=1,
 )
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", 2, "Stacked LSTM layers.")
-_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 256, "LSTM units per layer.")
+_NUM_LAYERS = flags.DEFINE_integer(
+  "num_layers", 2, "Stacked LSTM layers.", lower_bound=1
+)
+_HIDDEN_SIZE = flags.DEFINE_integer(
+  "hidden_size", 256, "LSTM units per layer.", lower_bound=1
+)
 _EMBED_SIZE = flags.DEFINE_integer(
-  "embed_size", 64, "Character embedding size."
+  "embed_size", 64, "Character embedding size.", lower_bound=1
 )
 _DROPOUT = flags.DEFINE_float(
-  "dropout", 0.0, "Dropout rate between LSTM layers (training only)."
+  "dropout",
+  0.0,
+  "Dropout rate between LSTM layers (training only).",
+  lower_bound=0.0,
+  upper_bound=0.9,
 )
 _SAMPLE_LENGTH = flags.DEFINE_integer(
-  "sample_length", 400, "Characters to sample at the end; 0 skips sampling."
+  "sample_length",
+  400,
+  "Characters to sample at the end; 0 skips sampling.",
+  lower_bound=0,
 )
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "Sampling temperature.")
 _PRIME = flags.DEFINE_string(
@@ -270,15 +288,7 @@ def main(argv):
   data_parallel = parallel.DataParallel()
   batch_size = training.FLAGS.batch_size
   seq_length = _SEQ_LENGTH.value
-  training.check_positive(
-    batch_size=batch_size,
-    seq_length=seq_length,
-    num_layers=_NUM_LAYERS.value,
-    hidden_size=_HIDDEN_SIZE.value,
-    embed_size=_EMBED_SIZE.value,
-    max_chars=_MAX_CHARS.value,
-    eval_chars=_EVAL_CHARS.value,
-  )
+  training.check_positive(temperature=_TEMPERATURE.value)
   data_parallel.check_divisible("batch_size", batch_size)
   if not 0 < _EVAL_FRACTION.value < 1:
     raise app.UsageError(

@@ -25,6 +25,7 @@ import jax
 import optax
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
 from examples.common import checkpoint, metrics, parallel
 
@@ -65,29 +66,39 @@ def define_flags(
     "Folder for this run: checkpoints/, metrics.jsonl, curves.png. A run "
     "without --resume starts afresh and clears what an earlier run left.",
   )
-  flags.DEFINE_integer("num_steps", num_steps, "Total optimiser steps.")
+  flags.DEFINE_integer(
+    "num_steps", num_steps, "Total optimiser steps.", lower_bound=1
+  )
   flags.DEFINE_integer(
     "batch_size",
     batch_size,
     "Global batch size (rows), split over all devices; must be divisible by "
     "the number of devices.",
+    lower_bound=1,
   )
   flags.DEFINE_float("learning_rate", learning_rate, "Adam learning rate.")
   flags.DEFINE_float(
-    "max_grad_norm", 1.0, "Clip gradients to this global norm; 0 disables."
+    "max_grad_norm",
+    1.0,
+    "Clip gradients to this global norm; 0 disables.",
+    lower_bound=0.0,
   )
   flags.DEFINE_integer("seed", 0, "Seeds parameters, data and dropout.")
-  flags.DEFINE_integer("eval_every", eval_every, "Evaluate every N steps.")
+  flags.DEFINE_integer(
+    "eval_every", eval_every, "Evaluate every N steps.", lower_bound=1
+  )
   flags.DEFINE_integer(
     "checkpoint_every",
     checkpoint_every or eval_every,
     "Save a checkpoint every N steps (and always at the last step).",
+    lower_bound=1,
   )
   flags.DEFINE_integer(
     "log_every",
     10,
     "Read the losses back from the devices every N steps; each read waits "
     "for the devices, so reading every step slows small models down.",
+    lower_bound=1,
   )
   flags.DEFINE_bool(
     "resume",
@@ -106,6 +117,7 @@ def check_positive(**values: int | float) -> None:
 
 def make_optimizer() -> optax.GradientTransformation:
   """Adam, after clipping by global norm when `--max_grad_norm` > 0."""
+  check_positive(learning_rate=FLAGS.learning_rate)
   adam = optax.adam(FLAGS.learning_rate)
   if FLAGS.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(FLAGS.max_grad_norm), adam)
@@ -177,6 +189,7 @@ class Result:
   """What `train` hands back to the trainer for its closing report."""
 
   state: dict
+  step_fn: Callable[[dict, Any], tuple[dict, dict]]
   final_eval: dict[str, float]
   train_seconds: float
   output_dir: str
@@ -241,20 +254,16 @@ def train(
     reference_lines: passed to `metrics.plot_curves`.
 
   Returns:
-    The final state, the last evaluation, the training wall time (seconds,
-    without evaluation) and the run folder.
+    The final state, the jitted train step, the last evaluation, the training
+    wall time (seconds, without evaluation) and the run folder.
   """
   output_dir = FLAGS.output_dir
   num_steps = FLAGS.num_steps
-  check_positive(
-    num_steps=num_steps,
-    eval_every=FLAGS.eval_every,
-    checkpoint_every=FLAGS.checkpoint_every,
-    log_every=FLAGS.log_every,
-  )
   main = parallel.is_main_process()
   if main:
     _prepare_output_dir(output_dir, FLAGS.resume)
+  # No process may open the checkpoints before process 0 has cleared them.
+  multihost_utils.sync_global_devices("hk_rnn examples: output_dir ready")
   checkpointer = checkpoint.Checkpointer(
     os.path.join(output_dir, "checkpoints")
   )
@@ -332,4 +341,4 @@ def train(
       metrics.read_records(metrics_path), png, name, reference_lines
     )
     logging.info("Wrote %s and %s.", metrics_path, png)
-  return Result(state, final_eval, train_seconds, output_dir)
+  return Result(state, step_fn, final_eval, train_seconds, output_dir)
