@@ -1,1 +1,32 @@
-"""hk_rnn: mask-aware recurrent networks for JAX, as Haiku modules."""
+"""hk_rnn: mask-aware recurrent networks for JAX, as Haiku modules.
+
+Cells run one step; :class:`RNN` scans a cell over padded or packed
+sequences; :class:`Bidirectional` runs two RNNs in opposite directions;
+:func:`flip_sequences` reverses sequences in place.
+"""
+
+from hk_rnn._src.bidirectional import Bidirectional
+from hk_rnn._src.cells import (
+  ConvLSTMCell,
+  GRUCell,
+  LSTMCell,
+  MGUCell,
+  RNNCellBase,
+  SimpleCell,
+)
+from hk_rnn._src.rnn import RNN
+from hk_rnn._src.sequences import flip_sequences
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "RNN",
+  "Bidirectional",
+  "ConvLSTMCell",
+  "GRUCell",
+  "LSTMCell",
+  "MGUCell",
+  "RNNCellBase",
+  "SimpleCell",
+  "flip_sequences",
+)

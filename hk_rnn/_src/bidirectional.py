@@ -1,0 +1,159 @@
+"""``Bidirectional``: a forward and a backward RNN over the same sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from hk_rnn._src import rnn as rnn_lib
+from hk_rnn._src import sequences
+
+Array = jax.Array
+
+
+def concatenate_features(forward: Any, backward: Any) -> Any:
+  """The default ``merge_fn``: concatenation on the last axis, leaf by leaf."""
+  return jax.tree.map(
+    lambda f, b: jnp.concatenate([f, b], axis=-1), forward, backward
+  )
+
+
+class Bidirectional(hk.Module):
+  """Runs one RNN forward and another backward, and merges their outputs.
+
+  The backward RNN reads each sequence (each segment of a packed row) from
+  its last valid step to its first; its outputs are put back in input order
+  before ``merge_fn(forward_outputs, backward_outputs)`` combines them
+  (concatenation on the last axis by default). The two RNNs may use
+  different cells.
+
+  >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
+  >>> def forward(x, mask):
+  ...   bi = hk_rnn.Bidirectional(hk_rnn.RNN(hk_rnn.LSTMCell(8)),
+  ...                             hk_rnn.RNN(hk_rnn.GRUCell(4)))
+  ...   return bi(x, mask)
+  >>> model = hk.transform(forward)
+  >>> x, mask = jnp.ones((2, 5, 3)), jnp.array([[1, 1, 1, 0, 0], [1] * 5])
+  >>> ((fc, fh), bh), y = model.apply(
+  ...     model.init(jax.random.key(0), x, mask), None, x, mask)
+  >>> y.shape
+  (2, 5, 12)
+
+  The forward carry is the one after each row's last valid step; the
+  backward carry the one after the row's last segment has been read back to
+  its first step. Padded steps output zeros from both directions.
+  """
+
+  def __init__(
+    self,
+    forward_rnn: rnn_lib.RNN,
+    backward_rnn: rnn_lib.RNN,
+    *,
+    merge_fn: Callable[[Any, Any], Any] | None = None,
+    time_major: bool = False,
+    return_carry: bool = True,
+    name: str | None = None,
+  ):
+    """Configures the layer.
+
+    Args:
+      forward_rnn: the RNN run in input order.
+      backward_rnn: the RNN run over each sequence reversed; its own
+        ``reverse``/``keep_order`` settings are overridden.
+      merge_fn: combines ``(forward_outputs, backward_outputs)``; concatenates
+        on the last axis by default.
+      time_major: inputs are ``(time, *batch, ...)``.
+      return_carry: return ``((forward_carry, backward_carry), outputs)``;
+        else only outputs.
+      name: the module name.
+    """
+    super().__init__(name=name)
+    for argument, value in (
+      ("forward_rnn", forward_rnn),
+      ("backward_rnn", backward_rnn),
+    ):
+      if not isinstance(value, rnn_lib.RNN):
+        raise ValueError(
+          f"Bidirectional: {argument} must be an hk_rnn.RNN, got "
+          f"{type(value).__name__}"
+        )
+    self.forward_rnn = forward_rnn
+    self.backward_rnn = backward_rnn
+    self.merge_fn = merge_fn or concatenate_features
+    self.time_major = time_major
+    self.return_carry = return_carry
+
+  def __call__(
+    self,
+    inputs: Array,
+    segmentation_mask: Array | None = None,
+    *,
+    seq_lengths: Array | None = None,
+    initial_carry: tuple[Any, Any] | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    is_training: bool = False,
+  ):
+    """Runs both directions; arguments as for :class:`RNN`.
+
+    ``initial_carry``, when given, is a ``(forward, backward)`` pair.
+
+    Returns:
+      ``((forward_carry, backward_carry), outputs)``, or ``outputs`` alone
+      without ``return_carry``.
+    """
+    return_carry = self.return_carry if return_carry is None else return_carry
+    time_major = self.time_major if time_major is None else time_major
+    forward_carry = backward_carry = None
+    if initial_carry is not None:
+      if (
+        not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2
+      ):
+        raise ValueError(
+          "Bidirectional: initial_carry must be a (forward, backward) pair, "
+          f"got {type(initial_carry).__name__}"
+        )
+      forward_carry, backward_carry = initial_carry
+    # Check the mask here too, so that errors name this module.
+    for rnn in (self.forward_rnn, self.backward_rnn):
+      layout = rnn_lib._Layout.of(  # noqa: SLF001
+        inputs, rnn.cell.num_feature_axes, time_major, "Bidirectional"
+      )
+    sequences.segment_ids(
+      segmentation_mask,
+      seq_lengths,
+      batch_shape=layout.batch_shape,
+      time=layout.time,
+      time_major=time_major,
+      context="Bidirectional",
+    )
+    options = dict(
+      seq_lengths=seq_lengths,
+      return_carry=True,
+      time_major=time_major,
+      is_training=is_training,
+    )
+    forward_carry, forward_outputs = self.forward_rnn(
+      inputs,
+      segmentation_mask,
+      initial_carry=forward_carry,
+      reverse=False,
+      keep_order=False,
+      **options,
+    )
+    backward_carry, backward_outputs = self.backward_rnn(
+      inputs,
+      segmentation_mask,
+      initial_carry=backward_carry,
+      reverse=True,
+      keep_order=True,
+      **options,
+    )
+    outputs = self.merge_fn(forward_outputs, backward_outputs)
+    if not return_carry:
+      return outputs
+    return (forward_carry, backward_carry), outputs

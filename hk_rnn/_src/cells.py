@@ -1,0 +1,486 @@
+"""Recurrent cells: one step of an RNN, as Haiku modules.
+
+A cell maps ``(carry, inputs) -> (new_carry, outputs)`` for one time step and
+builds its own initial carry from one sample step of input. ``hk_rnn.RNN``
+scans any cell over a sequence.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hk_rnn._src import dropout
+
+Array = jax.Array
+Carry = Any
+Initializer = Callable[[Sequence[int], Any], Array]
+
+
+class RNNCellBase(hk.Module, abc.ABC):
+  """Base class of recurrent cells.
+
+  Subclasses implement ``__call__`` (one step) and ``initialize_carry``.
+  Cells that support dropout override ``dropout_masks`` and accept a
+  ``recurrent_mask`` keyword in ``__call__``; ``RNN`` then samples the masks
+  once per sequence and passes them in.
+  """
+
+  @abc.abstractmethod
+  def __call__(self, carry: Carry, inputs: Array) -> tuple[Carry, Any]:
+    """Runs one step: ``inputs`` is ``(*batch, *features)``, no time axis."""
+
+  @abc.abstractmethod
+  def initialize_carry(
+    self, sample_inputs: Array, rng: jax.Array | None = None
+  ) -> Carry:
+    """The initial carry for inputs shaped like ``sample_inputs`` (one step)."""
+
+  @property
+  def num_feature_axes(self) -> int:
+    """How many trailing axes of one input step are features (1 for dense)."""
+    return 1
+
+  def dropout_masks(self, sample_inputs: Array) -> dropout.DropoutMasks:
+    """Samples this cell's variational dropout masks (none by default)."""
+    del sample_inputs
+    return dropout.DropoutMasks(None, None)
+
+  def _fused_sequence(
+    self,
+    inputs: Array,
+    initial_carry: Carry,
+    valid: Array | None,
+    reset: Array | None,
+    recurrent_mask: Array | None,
+    unroll: int,
+  ) -> tuple[Carry, Any] | None:
+    """A whole-sequence kernel, or ``None`` where the cell has none.
+
+    ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``;
+    ``valid`` and ``reset`` are ``(time, batch)`` bools as ``RNN`` computes
+    them. Returns ``(final_carry, outputs)`` exactly as the masked step loop
+    would.
+    """
+    del inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    return None
+
+
+def _orthogonal_per_block(num_blocks: int) -> Initializer:
+  """Orthogonal ``(F, F)`` blocks side by side: an ``(F, num_blocks*F)`` init."""
+  orthogonal = hk.initializers.Orthogonal()
+
+  def init(shape, dtype):
+    *rows, columns = shape
+    block = (*rows, columns // num_blocks)
+    # QR has no low-precision kernels: draw in float32, then cast.
+    return jnp.concatenate(
+      [orthogonal(block, jnp.float32) for _ in range(num_blocks)], axis=-1
+    ).astype(dtype)
+
+  return init
+
+
+def _ones_then_zeros(shape, dtype):
+  """``[1]*F + [0]*F``: a forget-gate bias of one for two-block cells."""
+  half = shape[-1] // 2
+  return jnp.concatenate(
+    [jnp.ones((half,), dtype), jnp.zeros((shape[-1] - half,), dtype)]
+  )
+
+
+_LECUN_NORMAL = hk.initializers.VarianceScaling(
+  1.0, "fan_in", "truncated_normal"
+)
+
+
+class _GatedCell(RNNCellBase):
+  """What the built-in cells share: options, parameters, carry, dropout.
+
+  Subclasses set ``_num_blocks`` (gate blocks in the weight matrices) and
+  ``_carry_size`` (how many ``(*batch, features)`` arrays the carry holds),
+  and implement ``__call__``.
+  """
+
+  _num_blocks: int
+  _carry_size: int
+
+  def __init__(
+    self,
+    features: int,
+    *,
+    gate_fn: Callable[[Array], Array] = jax.nn.sigmoid,
+    activation_fn: Callable[[Array], Array] = jnp.tanh,
+    w_i_init: Initializer | None = None,
+    w_h_init: Initializer | None = None,
+    b_init: Initializer | None = None,
+    carry_init: Initializer = jnp.zeros,
+    dtype: Any | None = None,
+    param_dtype: Any = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    name: str | None = None,
+  ):
+    super().__init__(name=name)
+    context = type(self).__name__
+    if not isinstance(features, (int, np.integer)) or features <= 0:
+      raise ValueError(
+        f"{context}: features must be a positive int, got {features!r}"
+      )
+    self.features = int(features)
+    self.gate_fn = gate_fn
+    self.activation_fn = activation_fn
+    self.w_i_init = w_i_init or _LECUN_NORMAL
+    self.w_h_init = w_h_init or _orthogonal_per_block(self._num_blocks)
+    self.b_init = b_init or jnp.zeros
+    self.carry_init = carry_init
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.dropout_rate = dropout.check_rate(
+      dropout_rate, "dropout_rate", context
+    )
+    self.recurrent_dropout_rate = dropout.check_rate(
+      recurrent_dropout_rate, "recurrent_dropout_rate", context
+    )
+
+  def _compute_dtype(self, inputs_dtype) -> Any:
+    if self.dtype is not None:
+      return self.dtype
+    return jnp.result_type(inputs_dtype, self.param_dtype)
+
+  def _hidden_shape(self, sample_inputs: Array) -> tuple[int, ...]:
+    return (*sample_inputs.shape[:-1], self.features)
+
+  def _check_inputs(self, inputs: Array) -> None:
+    if inputs.ndim < self.num_feature_axes:
+      raise ValueError(
+        f"{type(self).__name__}: inputs must have at least "
+        f"{self.num_feature_axes} feature axes, got shape {inputs.shape}"
+      )
+
+  def _parameter(self, name, shape, init) -> Array:
+    return hk.get_parameter(name, tuple(shape), self.param_dtype, init=init)
+
+  def _dense_weights(self, input_size: int, dtype) -> tuple[Array, Array]:
+    width = self._num_blocks * self.features
+    w_i = self._parameter("w_i", (input_size, width), self.w_i_init)
+    w_h = self._parameter("w_h", (self.features, width), self.w_h_init)
+    return w_i.astype(dtype), w_h.astype(dtype)
+
+  def initialize_carry(
+    self, sample_inputs: Array, rng: jax.Array | None = None
+  ) -> Carry:
+    """Builds the carry with ``carry_init(shape, dtype)`` (zeros by default).
+
+    Args:
+      sample_inputs: one step of input, ``(*batch, *features)``.
+      rng: a key for a random ``carry_init``; without it such an initializer
+        draws from ``hk.next_rng_key()``.
+
+    Returns:
+      The carry; each of its arrays is ``(*batch, *spatial, features)``.
+    """
+    self._check_inputs(sample_inputs)
+    shape = self._hidden_shape(sample_inputs)
+    dtype = self._compute_dtype(sample_inputs.dtype)
+
+    def build():
+      return tuple(
+        jnp.asarray(self.carry_init(shape, dtype), dtype)
+        for _ in range(self._carry_size)
+      )
+
+    if rng is None:
+      leaves = build()
+    else:
+      with hk.with_rng(rng):
+        leaves = build()
+    return leaves if self._carry_size > 1 else leaves[0]
+
+  def dropout_masks(self, sample_inputs: Array) -> dropout.DropoutMasks:
+    """Samples the input and recurrent masks once per sequence.
+
+    The input mask is shaped like one step of input, the recurrent mask like
+    the hidden state ``h``; kept units are scaled by ``1 / (1 - rate)``.
+    Needs an rng (``hk.next_rng_key()``) when a rate is non-zero.
+    """
+    dtype = self._compute_dtype(sample_inputs.dtype)
+    return dropout.DropoutMasks(
+      inputs=dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
+      recurrent=dropout.sample_mask(
+        self.recurrent_dropout_rate, self._hidden_shape(sample_inputs), dtype
+      ),
+    )
+
+
+def _masked(h: Array, recurrent_mask: Array | None) -> Array:
+  return h if recurrent_mask is None else h * recurrent_mask
+
+
+class LSTMCell(_GatedCell):
+  r"""Long short-term memory cell (Hochreiter & Schmidhuber, 1997).
+
+  .. math::
+
+      z &= x W_i + h W_h + b, \quad z = [z_i, z_f, z_g, z_o] \\
+      c' &= \sigma(z_f) \odot c + \sigma(z_i) \odot \tanh(z_g) \\
+      h' &= \sigma(z_o) \odot \tanh(c')
+
+  Parameters: ``w_i (in, 4F)``, ``w_h (F, 4F)``, ``b (4F,)``, gate blocks in
+  the order i, f, g, o (PyTorch's order). The carry is ``(c, h)``, the output
+  is ``h'``. ``gate_fn`` replaces σ and ``activation_fn`` replaces tanh.
+  With ``recurrent_dropout_rate`` the masked ``h`` feeds ``W_h``.
+
+  >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
+  >>> def step(x):
+  ...   cell = hk_rnn.LSTMCell(features=4)
+  ...   return cell(cell.initialize_carry(x), x)
+  >>> model = hk.transform(step)
+  >>> x = jnp.ones((2, 3))
+  >>> (c, h), y = model.apply(model.init(jax.random.key(0), x), None, x)
+  >>> c.shape, h.shape, y.shape
+  ((2, 4), (2, 4), (2, 4))
+
+  Args (all but ``features`` keyword-only):
+    features: ``F``, the size of ``c`` and ``h``.
+    gate_fn: the gate nonlinearity σ.
+    activation_fn: the cell and output nonlinearity (tanh).
+    w_i_init: initializer of ``w_i`` (LeCun normal).
+    w_h_init: initializer of ``w_h`` (orthogonal per gate block).
+    b_init: initializer of ``b`` (zeros).
+    carry_init: ``carry_init(shape, dtype)`` for ``c`` and ``h`` (zeros).
+    dtype: the computation dtype; by default the promotion of the inputs' and
+      the parameters' dtypes.
+    param_dtype: the dtype parameters are stored in.
+    dropout_rate: variational dropout on the inputs (applied by ``RNN``).
+    recurrent_dropout_rate: variational dropout on ``h`` before ``W_h``.
+    name: the module name.
+  """
+
+  _num_blocks = 4
+  _carry_size = 2
+
+  def __call__(
+    self,
+    carry: tuple[Array, Array],
+    inputs: Array,
+    *,
+    recurrent_mask: Array | None = None,
+  ) -> tuple[tuple[Array, Array], Array]:
+    """One step: ``inputs (*batch, in)``, carry ``(c, h)`` each ``(*batch, F)``."""
+    dtype = self._compute_dtype(inputs.dtype)
+    c, h = (part.astype(dtype) for part in carry)
+    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
+    b = self._parameter("b", (4 * self.features,), self.b_init).astype(dtype)
+    z = inputs.astype(dtype) @ w_i + _masked(h, recurrent_mask) @ w_h + b
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
+    new_h = self.gate_fn(o) * self.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
+
+class GRUCell(_GatedCell):
+  r"""Gated recurrent unit (Cho et al., 2014), in PyTorch's and cuDNN's form.
+
+  .. math::
+
+      r &= \sigma(x W_{ir} + b_{ir} + h W_{hr} + b_{hr}) \\
+      z &= \sigma(x W_{iz} + b_{iz} + h W_{hz} + b_{hz}) \\
+      n &= \tanh(x W_{in} + b_{in} + r \odot (h W_{hn} + b_{hn})) \\
+      h' &= (1 - z) \odot n + z \odot h
+
+  The reset gate applies after the recurrent matmul. Parameters:
+  ``w_i (in, 3F)``, ``w_h (F, 3F)``, ``b_i (3F,)``, ``b_h (3F,)``, blocks r,
+  z, n. The carry is ``h``, the output ``h'``. With
+  ``recurrent_dropout_rate`` the masked ``h`` feeds ``W_h``; the
+  interpolation uses the unmasked ``h``.
+
+  Options as for :class:`LSTMCell`; ``b_init`` initialises both biases.
+  """
+
+  _num_blocks = 3
+  _carry_size = 1
+
+  def __call__(
+    self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
+  ) -> tuple[Array, Array]:
+    """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
+    dtype = self._compute_dtype(inputs.dtype)
+    h = carry.astype(dtype)
+    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
+    width = 3 * self.features
+    b_i = self._parameter("b_i", (width,), self.b_init).astype(dtype)
+    b_h = self._parameter("b_h", (width,), self.b_init).astype(dtype)
+    x_r, x_z, x_n = jnp.split(inputs.astype(dtype) @ w_i + b_i, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(
+      _masked(h, recurrent_mask) @ w_h + b_h, 3, axis=-1
+    )
+    r = self.gate_fn(x_r + h_r)
+    z = self.gate_fn(x_z + h_z)
+    n = self.activation_fn(x_n + r * h_n)
+    new_h = (1.0 - z) * n + z * h
+    return new_h, new_h
+
+
+class SimpleCell(_GatedCell):
+  r"""Elman RNN cell: :math:`h' = \tanh(x W_i + h W_h + b)`.
+
+  Parameters: ``w_i (in, F)``, ``w_h (F, F)``, ``b (F,)``. The carry is
+  ``h``, the output ``h'``. ``activation_fn`` replaces tanh (``gate_fn`` is
+  unused). Options as for :class:`LSTMCell`.
+  """
+
+  _num_blocks = 1
+  _carry_size = 1
+
+  def __call__(
+    self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
+  ) -> tuple[Array, Array]:
+    """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
+    dtype = self._compute_dtype(inputs.dtype)
+    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
+    b = self._parameter("b", (self.features,), self.b_init).astype(dtype)
+    h = _masked(carry.astype(dtype), recurrent_mask)
+    new_h = self.activation_fn(inputs.astype(dtype) @ w_i + h @ w_h + b)
+    return new_h, new_h
+
+
+class MGUCell(_GatedCell):
+  r"""Minimal gated unit (Zhou et al., 2016), in Flax's form.
+
+  .. math::
+
+      f &= \sigma(x W_{if} + b_{if} + h W_{hf} + b_{hf}) \\
+      n &= \tanh(x W_{in} + b_{in} + f \odot (h W_{hn} + b_{hn})) \\
+      h' &= (1 - f) \odot n + f \odot h
+
+  One gate serves as both GRU gates. Parameters: ``w_i (in, 2F)``,
+  ``w_h (F, 2F)``, ``b_i (2F,)``, ``b_h (2F,)``, blocks f, n. ``b_i``'s
+  forget block starts at one by default (``b_i_init``), ``b_h`` at zero
+  (``b_init``). The carry is ``h``, the output ``h'``. Other options as for
+  :class:`LSTMCell`.
+  """
+
+  _num_blocks = 2
+  _carry_size = 1
+
+  def __init__(
+    self, features: int, *, b_i_init: Initializer | None = None, **options
+  ):
+    super().__init__(features, **options)
+    self.b_i_init = b_i_init or _ones_then_zeros
+
+  def __call__(
+    self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
+  ) -> tuple[Array, Array]:
+    """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
+    dtype = self._compute_dtype(inputs.dtype)
+    h = carry.astype(dtype)
+    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
+    width = 2 * self.features
+    b_i = self._parameter("b_i", (width,), self.b_i_init).astype(dtype)
+    b_h = self._parameter("b_h", (width,), self.b_init).astype(dtype)
+    x_f, x_n = jnp.split(inputs.astype(dtype) @ w_i + b_i, 2, axis=-1)
+    h_f, h_n = jnp.split(_masked(h, recurrent_mask) @ w_h + b_h, 2, axis=-1)
+    f = self.gate_fn(x_f + h_f)
+    n = self.activation_fn(x_n + f * h_n)
+    new_h = (1.0 - f) * n + f * h
+    return new_h, new_h
+
+
+_CONV_DIMENSIONS = {1: "W", 2: "HW", 3: "DHW"}
+
+
+class ConvLSTMCell(_GatedCell):
+  r"""Convolutional LSTM (Shi et al., 2015): an LSTM whose matmuls are convs.
+
+  .. math::
+
+      z &= W_i * x + W_h * h + b, \quad z = [z_i, z_f, z_g, z_o] \\
+      c' &= \sigma(z_f) \odot c + \sigma(z_i) \odot \tanh(z_g) \\
+      h' &= \sigma(z_o) \odot \tanh(c')
+
+  where ``*`` is an N-D convolution, stride 1, ``SAME`` padding, channels
+  last; N = ``len(kernel_shape)`` (1, 2 or 3). Inputs are
+  ``(*batch, *spatial, channels)``; ``c`` and ``h`` are
+  ``(*batch, *spatial, F)``. Parameters: ``w_i (*kernel_shape, in, 4F)``,
+  ``w_h (*kernel_shape, F, 4F)``, ``b (4F,)``, blocks i, f, g, o.
+
+  >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
+  >>> def step(x):
+  ...   cell = hk_rnn.ConvLSTMCell(8, kernel_shape=(3, 3))
+  ...   return cell(cell.initialize_carry(x), x)
+  >>> model = hk.transform(step)
+  >>> x = jnp.ones((2, 5, 5, 3))
+  >>> _, y = model.apply(model.init(jax.random.key(0), x), None, x)
+  >>> y.shape
+  (2, 5, 5, 8)
+
+  Options as for :class:`LSTMCell`; both kernels default to LeCun normal.
+  """
+
+  _num_blocks = 4
+  _carry_size = 2
+
+  def __init__(self, features: int, kernel_shape: Sequence[int], **options):
+    options.setdefault("w_h_init", _LECUN_NORMAL)
+    super().__init__(features, **options)
+    kernel_shape = tuple(int(k) for k in kernel_shape)
+    if len(kernel_shape) not in _CONV_DIMENSIONS or min(kernel_shape) <= 0:
+      raise ValueError(
+        "ConvLSTMCell: kernel_shape must hold 1, 2 or 3 positive sizes, got "
+        f"{kernel_shape}"
+      )
+    self.kernel_shape = kernel_shape
+
+  @property
+  def num_feature_axes(self) -> int:
+    return len(self.kernel_shape) + 1
+
+  def _conv(self, x: Array, w: Array) -> Array:
+    spatial = _CONV_DIMENSIONS[len(self.kernel_shape)]
+    lead = x.shape[: x.ndim - self.num_feature_axes]
+    flat = x.reshape((-1, *x.shape[len(lead) :]))
+    y = jax.lax.conv_general_dilated(
+      flat,
+      w,
+      window_strides=(1,) * len(self.kernel_shape),
+      padding="SAME",
+      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+    )
+    return y.reshape((*lead, *y.shape[1:]))
+
+  def __call__(
+    self,
+    carry: tuple[Array, Array],
+    inputs: Array,
+    *,
+    recurrent_mask: Array | None = None,
+  ) -> tuple[tuple[Array, Array], Array]:
+    """One step: ``inputs (*batch, *spatial, in)``, carry ``(c, h)``."""
+    self._check_inputs(inputs)
+    dtype = self._compute_dtype(inputs.dtype)
+    c, h = (part.astype(dtype) for part in carry)
+    width = 4 * self.features
+    w_i = self._parameter(
+      "w_i", (*self.kernel_shape, inputs.shape[-1], width), self.w_i_init
+    ).astype(dtype)
+    w_h = self._parameter(
+      "w_h", (*self.kernel_shape, self.features, width), self.w_h_init
+    ).astype(dtype)
+    b = self._parameter("b", (width,), self.b_init).astype(dtype)
+    z = (
+      self._conv(inputs.astype(dtype), w_i)
+      + self._conv(_masked(h, recurrent_mask), w_h)
+      + b
+    )
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
+    new_h = self.gate_fn(o) * self.activation_fn(new_c)
+    return (new_c, new_h), new_h

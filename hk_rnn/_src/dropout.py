@@ -1,0 +1,47 @@
+"""Variational dropout masks for recurrent cells.
+
+Recurrent dropout keeps one mask per row for the whole sequence (Gal &
+Ghahramani, 2016): a unit dropped at the first step stays dropped at every
+step. Masks are sampled once, outside the scan, and carried in as scaled
+multipliers (0 or ``1 / (1 - rate)``), so that applying one is a single
+multiply inside the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class DropoutMasks(NamedTuple):
+  """Multipliers for one sequence batch; ``None`` where that dropout is off.
+
+  Attributes:
+    inputs: shaped like one step of input, ``(*batch, *features)``.
+    recurrent: shaped like the hidden state fed to the recurrent weights.
+  """
+
+  inputs: Array | None
+  recurrent: Array | None
+
+
+def check_rate(rate: float, name: str, context: str) -> float:
+  """Validates a dropout rate: a number in ``[0, 1)``."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{context}: {name} must lie in [0, 1), got {rate!r}")
+  return float(rate)
+
+
+def sample_mask(rate: float, shape: Sequence[int], dtype) -> Array | None:
+  """A scaled keep mask (0 or ``1/(1-rate)``), or ``None`` when rate is 0."""
+  if rate == 0.0:
+    return None
+  keep = 1.0 - rate
+  kept = jax.random.bernoulli(hk.next_rng_key(), keep, tuple(shape))
+  return jnp.where(kept, jnp.asarray(1.0 / keep, dtype), jnp.zeros((), dtype))

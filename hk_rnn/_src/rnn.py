@@ -1,0 +1,370 @@
+"""``RNN``: scans a cell over a sequence, honouring padding and packing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hk_rnn._src import cells as cells_lib
+from hk_rnn._src import sequences
+
+Array = jax.Array
+Carry = Any
+
+
+def _select_rows(pred: Array, on_true: Any, on_false: Any) -> Any:
+  """Row-wise ``where`` over two pytrees whose leaves lead with ``pred``'s axis."""
+
+  def select(a, b):
+    return jnp.where(pred.reshape(pred.shape + (1,) * (a.ndim - 1)), a, b)
+
+  return jax.tree.map(select, on_true, on_false)
+
+
+def scan_cell(
+  cell: cells_lib.RNNCellBase,
+  inputs: Array,
+  initial_carry: Carry,
+  ids: Array | None,
+  *,
+  packed: bool,
+  reverse: bool,
+  keep_order: bool,
+  recurrent_mask: Array | None,
+  unroll: int,
+  fused: bool,
+) -> tuple[Carry, Any]:
+  """Runs ``cell`` over time-major ``inputs (time, batch, *features)``.
+
+  This is the one mask-handling code path of hk_rnn. With segment ids
+  ``ids (time, batch)``, at every step:
+
+  * a step that starts a segment (``reset``) first replaces the carry with
+    ``initial_carry``, so packed sequences never see each other;
+  * a padded step (``~valid``) keeps the carry and outputs exactly zero;
+  * padded inputs are zeroed once up front, so that NaN or inf there cannot
+    reach any value or gradient through the cell.
+
+  ``reverse`` flips each segment in place before the scan (the ids are
+  unchanged by such a flip) and, with ``keep_order``, flips the outputs back.
+  """
+  valid = reset = None
+  if ids is not None:
+    valid = ids != 0
+    inputs = jnp.where(
+      valid.reshape(valid.shape + (1,) * (inputs.ndim - 2)), inputs, 0
+    )
+    if packed:
+      reset = sequences.segment_starts(ids, axis=0)
+  if reverse:
+    inputs = sequences.flip_tree(inputs, ids, axis=0)
+
+  result = None
+  if fused:
+    result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
+      inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    )
+  if result is None:
+    step_options = {}
+    if recurrent_mask is not None:
+      step_options["recurrent_mask"] = recurrent_mask
+
+    def step(carry, step_inputs):
+      x, is_valid, is_reset = step_inputs
+      if is_reset is not None:
+        carry = _select_rows(is_reset, initial_carry, carry)
+      new_carry, outputs = cell(carry, x, **step_options)
+      if is_valid is not None:
+        new_carry = _select_rows(is_valid, new_carry, carry)
+        outputs = _select_rows(
+          is_valid, outputs, jax.tree.map(jnp.zeros_like, outputs)
+        )
+      return new_carry, outputs
+
+    result = hk.scan(step, initial_carry, (inputs, valid, reset), unroll=unroll)
+  final_carry, outputs = result
+  if reverse and keep_order:
+    outputs = sequences.flip_tree(outputs, ids, axis=0)
+  return final_carry, outputs
+
+
+class RNN(hk.Module):
+  """Runs a recurrent cell over sequences, respecting padding and packing.
+
+  ``RNN`` applies one :class:`RNNCellBase` step by step with ``hk.scan``:
+
+  >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
+  >>> def forward(x, mask):
+  ...   return hk_rnn.RNN(hk_rnn.LSTMCell(16))(x, mask)
+  >>> model = hk.transform(forward)
+  >>> x = jnp.ones((2, 5, 3))                        # (batch, time, features)
+  >>> mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
+  >>> params = model.init(jax.random.key(0), x, mask)
+  >>> (c, h), y = model.apply(params, None, x, mask)
+  >>> c.shape, y.shape
+  ((2, 16), (2, 5, 16))
+
+  **Padding and packing.** ``segmentation_mask`` is shaped like the inputs
+  without their feature axes: 0 marks padding (only at the end of a row), a
+  non-zero value is the id of the sequence a step belongs to. A row may pack
+  several sequences (``[1, 1, 2, 2, 2]``); each starts from the initial
+  carry. ``seq_lengths`` (one sequence per row) is the Flax-style
+  alternative. Padded steps output exactly zero, leave the carry untouched,
+  and their input values (NaN included) reach no output, carry or gradient.
+  ``final_carry`` is the carry after each row's last valid step; for a
+  packed row, that of its last segment.
+
+  >>> _, y = model.apply(params, None, x, None)       # no padding
+  >>> def by_length(x, lengths):
+  ...   return hk_rnn.RNN(hk_rnn.LSTMCell(16))(x, seq_lengths=lengths)
+  >>> lengths = jnp.array([3, 5])
+  >>> _, y = hk.transform(by_length).apply(params, None, x, lengths)
+  >>> bool((y[0, 3:] == 0).all())
+  True
+
+  **Reverse.** ``reverse=True`` runs each sequence (each segment) from its
+  last valid step to its first. Outputs come back in processing order (each
+  sequence reversed in place, padding still at the end) unless
+  ``keep_order=True`` puts them back in input order. The final carry is then
+  the one after the row's last segment has been read back to its first step.
+
+  **Layouts.** Inputs are ``(*batch, time, *features)``, or
+  ``(time, *batch, *features)`` with ``time_major=True``; any number of batch
+  axes, none included; ``*features`` has ``cell.num_feature_axes`` axes.
+
+  **Dropout.** With ``is_training=True`` the cell's ``dropout_rate`` and
+  ``recurrent_dropout_rate`` apply, with masks sampled once per row and reused
+  at every step (variational dropout); this needs an rng in ``apply``.
+
+  **Speed.** Cells that have a fused whole-sequence kernel (``LSTMCell``,
+  ``GRUCell``, ``SimpleCell`` with their default activations) use it when
+  ``fused=True`` (the default); ``fused=False`` always runs the cell step by
+  step. Both give the same numbers.
+
+  Mask and length *values* are validated when they are concrete; under
+  ``jax.jit`` they are traced and cannot be checked, so a malformed mask
+  there gives unspecified results.
+  """
+
+  def __init__(
+    self,
+    cell: cells_lib.RNNCellBase,
+    *,
+    time_major: bool = False,
+    return_carry: bool = True,
+    reverse: bool = False,
+    keep_order: bool = False,
+    unroll: int = 1,
+    fused: bool = True,
+    name: str | None = None,
+  ):
+    """Configures the layer; call arguments of the same name override these.
+
+    Args:
+      cell: the cell applied at every step.
+      time_major: inputs are ``(time, *batch, ...)`` instead of
+        ``(*batch, time, ...)``.
+      return_carry: return ``(final_carry, outputs)``; else only outputs.
+      reverse: process each sequence from its end to its start.
+      keep_order: with ``reverse``, return outputs in input order.
+      unroll: scan steps unrolled per loop iteration (``lax.scan``'s).
+      fused: use the cell's whole-sequence kernel where it has one.
+      name: the module name.
+    """
+    super().__init__(name=name)
+    if not isinstance(cell, cells_lib.RNNCellBase):
+      raise ValueError(
+        f"RNN: cell must be an hk_rnn.RNNCellBase, got {type(cell).__name__}"
+      )
+    if int(unroll) < 1:
+      raise ValueError(f"RNN: unroll must be a positive int, got {unroll!r}")
+    self.cell = cell
+    self.time_major = time_major
+    self.return_carry = return_carry
+    self.reverse = reverse
+    self.keep_order = keep_order
+    self.unroll = int(unroll)
+    self.fused = fused
+
+  def __call__(
+    self,
+    inputs: Array,
+    segmentation_mask: Array | None = None,
+    *,
+    seq_lengths: Array | None = None,
+    initial_carry: Carry | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+    is_training: bool = False,
+  ):
+    """Runs the cell over ``inputs``.
+
+    Args:
+      inputs: ``(*batch, time, *features)`` (``(time, *batch, *features)``
+        when time-major).
+      segmentation_mask: integer or bool ``(*batch, time)`` (``(time,
+        *batch)``); 0 is padding, other values are segment ids.
+      seq_lengths: integer ``(*batch,)``; the alternative to a mask.
+      initial_carry: the carry every sequence starts from, shaped like
+        ``cell.initialize_carry(inputs[..., 0, :])``; the cell's own by
+        default.
+      return_carry, time_major, reverse, keep_order: override the
+        constructor's.
+      is_training: apply the cell's dropout (needs an rng).
+
+    Returns:
+      ``(final_carry, outputs)``, or ``outputs`` alone without
+      ``return_carry``. ``outputs`` is laid out like ``inputs`` with the
+      cell's output features.
+    """
+    return_carry = self.return_carry if return_carry is None else return_carry
+    time_major = self.time_major if time_major is None else time_major
+    reverse = self.reverse if reverse is None else reverse
+    keep_order = self.keep_order if keep_order is None else keep_order
+    layout = _Layout.of(inputs, self.cell.num_feature_axes, time_major, "RNN")
+    ids = sequences.segment_ids(
+      segmentation_mask,
+      seq_lengths,
+      batch_shape=layout.batch_shape,
+      time=layout.time,
+      time_major=time_major,
+      context="RNN",
+    )
+    packed = segmentation_mask is not None and sequences.has_packed_rows(
+      segmentation_mask, axis=layout.time_axis
+    )
+    inputs = layout.to_scan(inputs)
+    if ids is not None:
+      ids = layout.to_scan(ids, features=False)
+    sample = inputs[0]
+    if initial_carry is None:
+      initial_carry = self.cell.initialize_carry(sample)
+    else:
+      initial_carry = layout.carry_to_scan(
+        check_initial_carry(self.cell, initial_carry, layout, "RNN")
+      )
+    recurrent_mask = None
+    if is_training:
+      masks = self.cell.dropout_masks(sample)
+      if masks.inputs is not None:
+        inputs = inputs * masks.inputs
+      recurrent_mask = masks.recurrent
+    final_carry, outputs = scan_cell(
+      self.cell,
+      inputs,
+      initial_carry,
+      ids,
+      packed=packed,
+      reverse=reverse,
+      keep_order=keep_order,
+      recurrent_mask=recurrent_mask,
+      unroll=self.unroll,
+      fused=self.fused,
+    )
+    outputs = layout.from_scan(outputs)
+    if not return_carry:
+      return outputs
+    return layout.carry_from_scan(final_carry), outputs
+
+
+class _Layout:
+  """Moves arrays between the user's layout and the scan's.
+
+  The scan runs time-major with exactly one batch axis:
+  ``(time, batch, *features)``, where ``batch`` flattens all batch axes (a
+  size-1 axis when there are none).
+  """
+
+  def __init__(self, batch_shape, time, feature_shape, dtype, time_major):
+    self.batch_shape = tuple(batch_shape)
+    self.time = time
+    self.feature_shape = tuple(feature_shape)
+    self.dtype = dtype
+    self.time_major = time_major
+    self.time_axis = 0 if time_major else len(self.batch_shape)
+    self.batch_size = math.prod(self.batch_shape)
+
+  @classmethod
+  def of(cls, inputs, num_feature_axes, time_major, context) -> _Layout:
+    shape = np.shape(inputs)
+    if len(shape) < num_feature_axes + 1:
+      layout = (
+        "(time, *batch, *features)"
+        if time_major
+        else ("(*batch, time, *features)")
+      )
+      raise ValueError(
+        f"{context}: inputs must be {layout} with {num_feature_axes} "
+        f"feature axes for this cell, so at least {num_feature_axes + 1} "
+        f"axes; got shape {tuple(shape)}"
+      )
+    split = len(shape) - num_feature_axes
+    lead, feature_shape = shape[:split], shape[split:]
+    batch_shape = lead[1:] if time_major else lead[:-1]
+    time = lead[0] if time_major else lead[-1]
+    return cls(
+      batch_shape, time, feature_shape, jnp.result_type(inputs), time_major
+    )
+
+  def to_scan(self, array: Array, features: bool = True) -> Array:
+    array = jnp.moveaxis(jnp.asarray(array), self.time_axis, 0)
+    trailing = self.feature_shape if features else ()
+    return array.reshape((self.time, self.batch_size, *trailing))
+
+  def from_scan(self, tree: Any) -> Any:
+    def restore(leaf):
+      leaf = leaf.reshape((self.time, *self.batch_shape, *leaf.shape[2:]))
+      return jnp.moveaxis(leaf, 0, self.time_axis)
+
+    return jax.tree.map(restore, tree)
+
+  def carry_to_scan(self, carry: Carry) -> Carry:
+    return jax.tree.map(
+      lambda leaf: leaf.reshape(
+        (self.batch_size, *leaf.shape[len(self.batch_shape) :])
+      ),
+      carry,
+    )
+
+  def carry_from_scan(self, carry: Carry) -> Carry:
+    return jax.tree.map(
+      lambda leaf: leaf.reshape((*self.batch_shape, *leaf.shape[1:])), carry
+    )
+
+
+def check_initial_carry(
+  cell: cells_lib.RNNCellBase, initial_carry: Carry, layout, context: str
+) -> Carry:
+  """Checks a user's carry against the cell's own, casting its dtypes."""
+  sample = jax.ShapeDtypeStruct(
+    (*layout.batch_shape, *layout.feature_shape), layout.dtype
+  )
+  # A throwaway key: only shapes are computed, and a random carry_init must
+  # not consume the caller's rng just to be checked.
+  expected = hk.eval_shape(
+    lambda s: cell.initialize_carry(s, rng=jax.random.PRNGKey(0)), sample
+  )
+  expected_leaves, expected_tree = jax.tree.flatten(expected)
+  leaves, tree = jax.tree.flatten(initial_carry)
+  got = [tuple(np.shape(leaf)) for leaf in leaves]
+  want = [tuple(leaf.shape) for leaf in expected_leaves]
+  if tree != expected_tree or got != want:
+    raise ValueError(
+      f"{context}: initial_carry must match the cell's carry for these "
+      f"inputs, shapes {jax.tree.unflatten(expected_tree, want)}; got "
+      f"{jax.tree.unflatten(tree, got)}"
+    )
+  return jax.tree.unflatten(
+    tree,
+    [
+      jnp.asarray(leaf, spec.dtype)
+      for leaf, spec in zip(leaves, expected_leaves, strict=True)
+    ],
+  )

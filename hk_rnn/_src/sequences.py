@@ -1,0 +1,297 @@
+"""Pure functions on sequence layouts: masks, lengths, segments and flips.
+
+Every mask-aware piece of hk_rnn goes through this module. A batch of
+sequences is described by *segment ids*, an integer array laid out like the
+inputs without their feature axes: ``0`` marks padding, a non-zero value is
+the id of the sequence (segment) a step belongs to::
+
+    one sequence per row      [1, 1, 1, 0, 0]
+    packed row                [1, 1, 1, 2, 2, 0, 0]
+    seq_lengths=[3]  ==       [1, 1, 1, 0, 0]
+
+Padding only ever sits at the end of a row, ids never decrease along a row
+and each segment is contiguous. These invariants are checked whenever the
+mask or lengths are concrete (outside ``jit``); traced values cannot be
+inspected, so under ``jit`` they are the caller's promise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+
+def is_concrete(value: Any) -> bool:
+  """Whether ``value``'s contents can be read now (not a tracer)."""
+  return not isinstance(value, jax.core.Tracer)
+
+
+def _describe(shape: Sequence[int]) -> str:
+  return str(tuple(int(d) for d in shape))
+
+
+def segment_ids(
+  segmentation_mask: Array | None,
+  seq_lengths: Array | None,
+  *,
+  batch_shape: Sequence[int],
+  time: int,
+  time_major: bool,
+  context: str,
+) -> Array | None:
+  """Validates a mask or lengths and returns int32 segment ids (or None).
+
+  Args:
+    segmentation_mask: integer or bool, ``(*batch, time)`` or, when
+      ``time_major``, ``(time, *batch)``.
+    seq_lengths: integer ``(*batch,)``, the number of valid steps per row.
+    batch_shape: the batch axes of the inputs.
+    time: the length of the time axis of the inputs.
+    time_major: the layout of ``segmentation_mask`` and of the result.
+    context: the caller's name, for error messages.
+
+  Returns:
+    ``None`` when neither is given (every step is valid), else int32 segment
+    ids in the layout of ``segmentation_mask``.
+
+  Raises:
+    ValueError: for both arguments at once, a wrong shape or dtype, and, when
+      the values are concrete, out-of-range lengths, padding before the end of
+      a row, negative or decreasing ids.
+  """
+  batch_shape = tuple(batch_shape)
+  if segmentation_mask is not None and seq_lengths is not None:
+    raise ValueError(
+      f"{context}: pass either segmentation_mask or seq_lengths, not both; "
+      f"got segmentation_mask of shape {_describe(np.shape(segmentation_mask))}"
+      f" and seq_lengths of shape {_describe(np.shape(seq_lengths))}"
+    )
+  if seq_lengths is not None:
+    return _ids_from_lengths(
+      seq_lengths, batch_shape, time, time_major, context
+    )
+  if segmentation_mask is not None:
+    return _ids_from_mask(
+      segmentation_mask, batch_shape, time, time_major, context
+    )
+  return None
+
+
+def _ids_from_lengths(lengths, batch_shape, time, time_major, context):
+  lengths = jnp.asarray(lengths) if is_concrete(lengths) else lengths
+  if tuple(lengths.shape) != batch_shape:
+    raise ValueError(
+      f"{context}: seq_lengths must have shape (*batch,) = "
+      f"{_describe(batch_shape)}, got {_describe(lengths.shape)}"
+    )
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(
+      f"{context}: seq_lengths must be an integer array, got dtype "
+      f"{lengths.dtype}"
+    )
+  if is_concrete(lengths):
+    values = np.asarray(lengths)
+    bad = (values < 0) | (values > time)
+    if bad.any():
+      row = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+        f"{context}: seq_lengths must lie in [0, time] = [0, {time}], got "
+        f"{int(values[row])} for row {row}"
+      )
+  steps = jnp.arange(time, dtype=jnp.int32)
+  ids = (steps < lengths[..., None]).astype(jnp.int32)
+  return jnp.moveaxis(ids, -1, 0) if time_major else ids
+
+
+def _ids_from_mask(mask, batch_shape, time, time_major, context):
+  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  expected = (time, *batch_shape) if time_major else (*batch_shape, time)
+  layout = "(time, *batch)" if time_major else "(*batch, time)"
+  if tuple(mask.shape) != expected:
+    raise ValueError(
+      f"{context}: segmentation_mask must have shape {layout} = "
+      f"{_describe(expected)}, got {_describe(mask.shape)}"
+    )
+  if not (jnp.issubdtype(mask.dtype, jnp.integer) or mask.dtype == jnp.bool_):
+    raise ValueError(
+      f"{context}: segmentation_mask must be an integer or bool array, got "
+      f"dtype {mask.dtype}"
+    )
+  if is_concrete(mask):
+    rows = np.moveaxis(np.asarray(mask), 0, -1) if time_major else mask
+    _check_mask_values(np.asarray(rows).astype(np.int64), context)
+  return mask.astype(jnp.int32)
+
+
+def _check_mask_values(rows: np.ndarray, context: str) -> None:
+  """Checks concrete ids laid out as ``(*batch, time)``."""
+
+  def fail(problem, where):
+    row, step = tuple(int(i) for i in where[:-1]), int(where[-1])
+    raise ValueError(
+      f"{context}: segmentation_mask {problem}; got row {row} = "
+      f"{rows[row].tolist()} (at step {step})"
+    )
+
+  if (rows < 0).any():
+    fail("ids must be non-negative", np.argwhere(rows < 0)[0])
+  valid = rows != 0
+  resumed = valid[..., 1:] & ~valid[..., :-1]
+  if resumed.any():
+    where = np.argwhere(resumed)[0]
+    where[-1] += 1
+    fail("padding (0) must only sit at the end of a row", where)
+  decreased = valid[..., 1:] & (rows[..., 1:] < rows[..., :-1])
+  if decreased.any():
+    where = np.argwhere(decreased)[0]
+    where[-1] += 1
+    fail(
+      "segment ids must not decrease along a row (each segment "
+      "contiguous, ids non-decreasing)",
+      where,
+    )
+
+
+def segment_starts(ids: Array, axis: int) -> Array:
+  """True at the first step of every segment (never at padding)."""
+  ids = jnp.moveaxis(ids, axis, -1)
+  previous = jnp.concatenate([jnp.zeros_like(ids[..., :1]), ids[..., :-1]], -1)
+  first = jnp.arange(ids.shape[-1]) == 0
+  starts = (ids != 0) & (first | (ids != previous))
+  return jnp.moveaxis(starts, -1, axis)
+
+
+def has_packed_rows(ids: Array | None, axis: int) -> bool:
+  """Whether some row may hold several segments (True when unknowable)."""
+  if ids is None:
+    return False
+  if not is_concrete(ids):
+    return True
+  # numpy, not jnp: under an outer jit even constants become tracers.
+  ids = np.moveaxis(np.asarray(ids), axis, -1)
+  return bool(((ids[..., 1:] != ids[..., :-1]) & (ids[..., 1:] != 0)).any())
+
+
+def flip_indices(ids: Array, axis: int) -> Array:
+  """For each step, the step it takes its value from when sequences flip.
+
+  A step at position ``t`` in a segment spanning ``[start, end]`` reads from
+  ``start + end - t``; padding reads from itself.
+  """
+  ids = jnp.moveaxis(ids, axis, -1)
+  time = ids.shape[-1]
+  steps = jnp.arange(time, dtype=jnp.int32)
+  valid = ids != 0
+  starts = segment_starts(ids, -1)
+  following = jnp.concatenate([ids[..., 1:], jnp.zeros_like(ids[..., :1])], -1)
+  ends = valid & (ids != following)
+  start = jax.lax.cummax(jnp.where(starts, steps, 0), axis=ids.ndim - 1)
+  end = jax.lax.cummin(
+    jnp.where(ends, steps, time - 1), axis=ids.ndim - 1, reverse=True
+  )
+  source = jnp.where(valid, start + end - steps, steps)
+  return jnp.moveaxis(source, -1, axis)
+
+
+def flip_tree(tree: PyTree, ids: Array | None, axis: int) -> PyTree:
+  """Flips every leaf of ``tree`` along ``axis`` segment by segment.
+
+  ``ids`` has the leaves' leading axes (up to and including ``axis``);
+  ``None`` reverses the whole axis.
+  """
+  if ids is None:
+    return jax.tree.map(lambda leaf: jnp.flip(leaf, axis), tree)
+  source = flip_indices(ids, axis)
+
+  def flip(leaf):
+    index = source.reshape(source.shape + (1,) * (leaf.ndim - source.ndim))
+    return jnp.take_along_axis(leaf, index, axis=axis)
+
+  return jax.tree.map(flip, tree)
+
+
+def flip_sequences(
+  inputs: PyTree,
+  segmentation_mask: Array | None = None,
+  *,
+  seq_lengths: Array | None = None,
+  num_batch_dims: int = 1,
+  time_major: bool = False,
+) -> PyTree:
+  """Reverses each sequence in place, leaving padding at the end.
+
+  Each row of ``inputs`` may hold one sequence followed by padding (described
+  by ``seq_lengths`` or a 0/1 ``segmentation_mask``) or several packed
+  sequences (a mask with several ids); every sequence is reversed where it
+  stands. With neither, the whole time axis is reversed. Values at padded
+  positions are unspecified.
+
+  >>> import jax.numpy as jnp
+  >>> import hk_rnn
+  >>> x = jnp.array([[1, 0, 0], [2, 3, 0], [4, 5, 6]])
+  >>> hk_rnn.flip_sequences(x, seq_lengths=jnp.array([1, 2, 3]))
+  Array([[1, 0, 0],
+         [3, 2, 0],
+         [6, 5, 4]], dtype=int32)
+  >>> packed = jnp.array([[1, 2, 3, 4, 5, 0]])
+  >>> hk_rnn.flip_sequences(packed, jnp.array([[1, 1, 1, 2, 2, 0]]))
+  Array([[3, 2, 1, 5, 4, 0]], dtype=int32)
+
+  Args:
+    inputs: an array, or a pytree of arrays, laid out ``(*batch, time, ...)``
+      (``(time, *batch, ...)`` when ``time_major``) with ``num_batch_dims``
+      batch axes and any number of trailing feature axes.
+    segmentation_mask: integer or bool, shaped like ``inputs`` without its
+      feature axes; 0 marks padding, other values are segment ids.
+    seq_lengths: integer ``(*batch,)``, the number of valid steps per row.
+    num_batch_dims: how many batch axes ``inputs`` has (0 or more).
+    time_major: whether time comes before the batch axes.
+
+  Returns:
+    ``inputs`` with each sequence reversed in place.
+
+  Raises:
+    ValueError: for inputs with too few axes, a mask or lengths of the wrong
+      shape, both at once, or (when concrete) invalid mask or length values.
+  """
+  context = "flip_sequences"
+  if num_batch_dims < 0:
+    raise ValueError(
+      f"{context}: num_batch_dims must be >= 0, got {num_batch_dims}"
+    )
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError(f"{context}: inputs must hold at least one array")
+  lead = num_batch_dims + 1
+  layout = "(time, *batch, ...)" if time_major else "(*batch, time, ...)"
+  for leaf in leaves:
+    if np.ndim(leaf) < lead:
+      raise ValueError(
+        f"{context}: inputs must have at least num_batch_dims + 1 = {lead} "
+        f"axes {layout}, got shape {_describe(np.shape(leaf))}"
+      )
+  first = np.shape(leaves[0])[:lead]
+  for leaf in leaves[1:]:
+    if np.shape(leaf)[:lead] != first:
+      raise ValueError(
+        f"{context}: every leaf of inputs must share the leading "
+        f"{layout} axes {_describe(first)}, got {_describe(np.shape(leaf))}"
+      )
+  axis = 0 if time_major else num_batch_dims
+  batch_shape = first[1:] if time_major else first[:-1]
+  ids = segment_ids(
+    segmentation_mask,
+    seq_lengths,
+    batch_shape=batch_shape,
+    time=first[axis],
+    time_major=time_major,
+    context=context,
+  )
+  return flip_tree(jax.tree.map(jnp.asarray, inputs), ids, axis)

@@ -1,0 +1,513 @@
+"""Tests for hk_rnn.RNN against per-sequence reference loops."""
+
+import itertools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import hk_rnn
+from hk_rnn_test import test_utils
+
+BATCH, TIME, INPUTS, FEATURES = 3, 6, 4, 5
+# Row 0 is padded, row 1 packs three segments, row 2 is full.
+PACKED_IDS = np.array(
+  [[1, 1, 1, 0, 0, 0], [2, 2, 5, 7, 7, 0], [3, 3, 3, 3, 3, 3]], np.int32
+)
+PADDED_IDS = np.array(
+  [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], np.int32
+)
+LENGTHS = np.array([3, 5, 6], np.int32)
+
+
+def _inputs(seed=0, shape=(BATCH, TIME, INPUTS)):
+  return jnp.asarray(
+    np.random.default_rng(seed).normal(size=shape), jnp.float32
+  )
+
+
+def _rnn_fn(kind, **rnn_options):
+  def forward(inputs, mask=None, **call_options):
+    cell = test_utils.CELLS[kind](FEATURES, name="cell")
+    return hk_rnn.RNN(cell, **rnn_options)(inputs, mask, **call_options)
+
+  return forward
+
+
+def _initial_carry(kind, batch=BATCH):
+  zeros = jnp.zeros((batch, FEATURES), jnp.float32)
+  return (zeros, zeros) if kind == "lstm" else zeros
+
+
+def _loss(carry, outputs):
+  # Different weights per position, so that misplaced outputs show.
+  weights = jnp.cos(jnp.arange(outputs.size, dtype=outputs.dtype))
+  carry_term = sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(carry))
+  return jnp.sum(outputs.reshape(-1) * weights) + carry_term
+
+
+class RNNMatchesReferenceTest(parameterized.TestCase):
+  """Values and gradients equal a loop over each sequence on its own."""
+
+  @parameterized.parameters(
+    # Every masking and direction with the LSTM...
+    *itertools.product(
+      ["lstm"],
+      ["none", "lengths", "padded", "packed"],
+      ["forward", "reverse", "reverse_keep_order"],
+    ),
+    # ...and packed rows in every direction, plus lengths, for the others.
+    *itertools.product(
+      ["gru", "simple", "mgu"],
+      ["packed"],
+      ["forward", "reverse", "reverse_keep_order"],
+    ),
+    *itertools.product(["gru", "simple", "mgu"], ["lengths"], ["forward"]),
+  )
+  def test_values_and_gradients(self, kind, masking, direction):
+    inputs = _inputs()
+    reverse = direction != "forward"
+    keep_order = direction == "reverse_keep_order"
+    mask, call_options, ids = None, {}, np.ones((BATCH, TIME), np.int32)
+    if masking == "lengths":
+      call_options["seq_lengths"] = jnp.asarray(LENGTHS)
+      ids = PADDED_IDS
+    elif masking in ("padded", "packed"):
+      ids = PADDED_IDS if masking == "padded" else PACKED_IDS
+      mask = jnp.asarray(ids)
+    model = test_utils.transform(
+      _rnn_fn(kind, reverse=reverse, keep_order=keep_order)
+    )
+    params = model.init(jax.random.PRNGKey(0), inputs, mask, **call_options)
+
+    def rnn_loss(params, inputs):
+      return _loss(*model.apply(params, inputs, mask, **call_options))
+
+    def reference_loss(params, inputs):
+      return _loss(
+        *test_utils.reference_rnn(
+          kind,
+          params["cell"],
+          inputs,
+          ids,
+          _initial_carry(kind),
+          reverse=reverse,
+          keep_order=keep_order,
+        )
+      )
+
+    carry, outputs = model.apply(params, inputs, mask, **call_options)
+    expected_carry, expected_outputs = test_utils.reference_rnn(
+      kind,
+      params["cell"],
+      inputs,
+      ids,
+      _initial_carry(kind),
+      reverse=reverse,
+      keep_order=keep_order,
+    )
+    test_utils.tree_allclose(self, outputs, expected_outputs)
+    test_utils.tree_allclose(self, carry, expected_carry)
+    grads = jax.grad(rnn_loss, argnums=(0, 1))(params, inputs)
+    expected_grads = jax.grad(reference_loss, argnums=(0, 1))(params, inputs)
+    test_utils.tree_allclose(self, grads, expected_grads, atol=1e-4)
+
+
+class RNNPaddingTest(parameterized.TestCase):
+  @parameterized.parameters(
+    ("lstm", False, True),
+    ("gru", True, True),
+    ("lstm", True, False),
+    ("mgu", False, False),
+  )
+  def test_non_finite_padding_changes_nothing(self, kind, reverse, fused):
+    clean = _inputs()
+    valid = jnp.asarray(PACKED_IDS != 0)[..., None]
+    poison = jnp.where(jnp.arange(INPUTS) % 2 == 0, jnp.nan, jnp.inf)
+    dirty = jnp.where(valid, clean, poison * jnp.ones_like(clean))
+    mask = jnp.asarray(PACKED_IDS)
+    model = test_utils.transform(_rnn_fn(kind, reverse=reverse, fused=fused))
+    params = model.init(jax.random.PRNGKey(0), clean, mask)
+
+    @jax.jit
+    def values_and_gradients(params, inputs):
+      def loss(params, inputs):
+        return _loss(*model.apply(params, inputs, mask))
+
+      grads = jax.grad(loss, argnums=(0, 1))(params, inputs)
+      return model.apply(params, inputs, mask), grads
+
+    from_dirty = values_and_gradients(params, dirty)
+    for leaf in jax.tree.leaves(from_dirty):
+      self.assertTrue(bool(jnp.isfinite(leaf).all()))
+    test_utils.tree_allclose(
+      self, from_dirty, values_and_gradients(params, clean), atol=0, rtol=0
+    )
+
+  def test_padded_outputs_are_exactly_zero(self):
+    _, (_, outputs) = test_utils.init_and_apply(
+      _rnn_fn("lstm"), _inputs(), jnp.asarray(PACKED_IDS)
+    )
+    np.testing.assert_array_equal(np.asarray(outputs)[PACKED_IDS == 0], 0.0)
+
+  @parameterized.parameters("lstm", "gru")
+  def test_empty_row_returns_initial_carry(self, kind):
+    ids = np.array([[0] * TIME, [1] * TIME], np.int32)
+    start = jax.tree.map(lambda leaf: leaf + 0.5, _initial_carry(kind, batch=2))
+    _, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn(kind),
+      _inputs(shape=(2, TIME, INPUTS)),
+      jnp.asarray(ids),
+      initial_carry=start,
+    )
+    np.testing.assert_array_equal(np.asarray(outputs[0]), 0.0)
+    for got, want in zip(
+      jax.tree.leaves(carry), jax.tree.leaves(start), strict=True
+    ):
+      np.testing.assert_array_equal(got[0], want[0])
+
+  def test_every_segment_starts_from_initial_carry(self):
+    inputs = _inputs()
+    start = jnp.asarray(
+      np.random.default_rng(1).normal(size=(BATCH, FEATURES)), jnp.float32
+    )
+    params, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn("gru"), inputs, jnp.asarray(PACKED_IDS), initial_carry=start
+    )
+    expected = test_utils.reference_rnn(
+      "gru", params["cell"], inputs, PACKED_IDS, start
+    )
+    test_utils.tree_allclose(self, (carry, outputs), expected)
+
+  def test_lengths_and_mask_agree(self):
+    inputs = _inputs()
+    params, by_mask = test_utils.init_and_apply(
+      _rnn_fn("lstm"), inputs, jnp.asarray(PADDED_IDS)
+    )
+    by_lengths = test_utils.transform(_rnn_fn("lstm")).apply(
+      params, inputs, seq_lengths=jnp.asarray(LENGTHS)
+    )
+    test_utils.tree_allclose(self, by_mask, by_lengths, atol=0, rtol=0)
+
+  def test_bool_mask(self):
+    inputs = _inputs()
+    params, by_ints = test_utils.init_and_apply(
+      _rnn_fn("gru"), inputs, jnp.asarray(PADDED_IDS)
+    )
+    by_bools = test_utils.transform(_rnn_fn("gru")).apply(
+      params, inputs, jnp.asarray(PADDED_IDS != 0)
+    )
+    test_utils.tree_allclose(self, by_ints, by_bools, atol=0, rtol=0)
+
+
+class RNNLayoutTest(parameterized.TestCase):
+  @parameterized.parameters(False, True)
+  def test_time_major_is_a_transpose(self, reverse):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    params, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn("lstm", reverse=reverse), inputs, mask
+    )
+    tm_carry, tm_outputs = test_utils.transform(
+      _rnn_fn("lstm", reverse=reverse, time_major=True)
+    ).apply(params, inputs.transpose(1, 0, 2), mask.T)
+    test_utils.tree_allclose(self, tm_carry, carry)
+    test_utils.tree_allclose(self, tm_outputs.transpose(1, 0, 2), outputs)
+
+  def test_call_overrides_constructor(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    params, expected = test_utils.init_and_apply(
+      _rnn_fn("gru", time_major=True), inputs.transpose(1, 0, 2), mask.T
+    )
+    outputs = test_utils.transform(_rnn_fn("gru", time_major=True)).apply(
+      params, inputs, mask, time_major=False, return_carry=False
+    )
+    test_utils.tree_allclose(self, outputs.transpose(1, 0, 2), expected[1])
+
+  def test_several_batch_axes_flatten(self):
+    inputs = _inputs(shape=(2, 3, TIME, INPUTS))
+    lengths = jnp.array([[0, 2, 6], [3, 4, 1]])
+    params, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn("lstm"), inputs, seq_lengths=lengths
+    )
+    flat_carry, flat_outputs = test_utils.transform(_rnn_fn("lstm")).apply(
+      params, inputs.reshape(6, TIME, INPUTS), seq_lengths=lengths.reshape(6)
+    )
+    self.assertEqual(outputs.shape, (2, 3, TIME, FEATURES))
+    test_utils.tree_allclose(
+      self, outputs, flat_outputs.reshape(2, 3, TIME, FEATURES)
+    )
+    test_utils.tree_allclose(
+      self, carry, jax.tree.map(lambda x: x.reshape(2, 3, FEATURES), flat_carry)
+    )
+
+  @parameterized.parameters(False, True)
+  def test_no_batch_axes(self, time_major):
+    inputs = _inputs()
+    params, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn("gru"), inputs[:1], jnp.asarray(PACKED_IDS[1:2])
+    )
+    single = test_utils.transform(_rnn_fn("gru", time_major=time_major)).apply(
+      params, inputs[0], jnp.asarray(PACKED_IDS[1])
+    )
+    test_utils.tree_allclose(self, single, (carry[0], outputs[0]))
+
+  def test_unroll_changes_nothing(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    params, expected = test_utils.init_and_apply(_rnn_fn("lstm"), inputs, mask)
+    unrolled = test_utils.transform(_rnn_fn("lstm", unroll=4)).apply(
+      params, inputs, mask
+    )
+    test_utils.tree_allclose(self, unrolled, expected)
+
+  def test_jit_and_vmap(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    model = test_utils.transform(_rnn_fn("lstm"))
+    params, expected = test_utils.init_and_apply(_rnn_fn("lstm"), inputs, mask)
+    jitted = jax.jit(model.apply)(params, inputs, mask)
+    test_utils.tree_allclose(self, jitted, expected)
+    # vmap over the batch of single rows equals the batched call.
+    mapped = jax.vmap(model.apply, in_axes=(None, 0, 0))(params, inputs, mask)
+    test_utils.tree_allclose(self, mapped, expected)
+
+  def test_return_carry_false(self):
+    inputs = _inputs()
+    params, (_, expected) = test_utils.init_and_apply(_rnn_fn("simple"), inputs)
+    outputs = test_utils.transform(_rnn_fn("simple", return_carry=False)).apply(
+      params, inputs
+    )
+    test_utils.tree_allclose(self, outputs, expected)
+
+
+class RNNDropoutTest(parameterized.TestCase):
+  def _forward(self, kind, **options):
+    def forward(inputs, mask, is_training):
+      cell = test_utils.CELLS[kind](FEATURES, name="cell", **options)
+      return hk_rnn.RNN(cell)(inputs, mask, is_training=is_training)
+
+    return forward
+
+  @parameterized.parameters("lstm", "gru", "simple", "mgu")
+  def test_masks_are_fixed_over_time(self, kind):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    options = dict(dropout_rate=0.3, recurrent_dropout_rate=0.4)
+    model = hk.transform(self._forward(kind, **options))
+    params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
+    rng = jax.random.PRNGKey(7)
+    carry, outputs = model.apply(params, rng, inputs, mask, True)
+
+    def sample_masks(inputs):
+      cell = test_utils.CELLS[kind](FEATURES, name="cell", **options)
+      return cell.dropout_masks(inputs[:, 0])
+
+    # The same rng in the same order draws the masks RNN used.
+    masks = hk.transform(sample_masks).apply({}, rng, inputs)
+    expected = test_utils.reference_rnn(
+      kind,
+      params["cell"],
+      inputs * masks.inputs[:, None],
+      PACKED_IDS,
+      _initial_carry(kind),
+      recurrent_mask=masks.recurrent,
+    )
+    test_utils.tree_allclose(self, (carry, outputs), expected)
+
+  def test_mask_statistics(self):
+    def sample(x):
+      cell = hk_rnn.LSTMCell(64, dropout_rate=0.25, recurrent_dropout_rate=0.5)
+      return cell.dropout_masks(x)
+
+    masks = hk.transform(sample).apply(
+      {}, jax.random.PRNGKey(0), jnp.ones((500, 32))
+    )
+    for rate, mask in ((0.25, masks.inputs), (0.5, masks.recurrent)):
+      mask = np.asarray(mask)
+      np.testing.assert_allclose(
+        np.unique(mask), [0.0, 1.0 / (1 - rate)], rtol=1e-6
+      )
+      kept = (mask != 0).mean()
+      self.assertAlmostEqual(kept, 1 - rate, delta=0.02)
+      self.assertAlmostEqual(mask.mean(), 1.0, delta=0.04)
+
+  def test_not_training_is_deterministic_and_needs_no_rng(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    forward = self._forward(
+      "lstm", dropout_rate=0.5, recurrent_dropout_rate=0.5
+    )
+    model = hk.transform(forward)
+    params = model.init(jax.random.PRNGKey(0), inputs, mask, False)
+    plain = test_utils.transform(_rnn_fn("lstm")).apply(params, inputs, mask)
+    test_utils.tree_allclose(
+      self, model.apply(params, None, inputs, mask, False), plain
+    )
+
+  def test_training_without_rng_fails(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    model = hk.transform(self._forward("gru", recurrent_dropout_rate=0.5))
+    params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
+    with self.assertRaisesRegex(ValueError, "PRNGKey"):
+      model.apply(params, None, inputs, mask, True)
+
+  @parameterized.parameters(-0.1, 1.0, 1.5)
+  def test_bad_rate(self, rate):
+    with self.assertRaisesRegex(
+      ValueError, r"dropout_rate must lie in \[0, 1\)"
+    ):
+      hk.transform(lambda: hk_rnn.GRUCell(3, dropout_rate=rate)).init(None)
+
+
+def _error_cases():
+  """(name, inputs shape, call options, message regex) for bad input."""
+  x = (BATCH, TIME, INPUTS)
+  return [
+    (
+      "rank",
+      (INPUTS,),
+      {},
+      r"RNN: inputs must be .* at least 2 axes; got shape \(4,\)",
+    ),
+    (
+      "mask_shape",
+      x,
+      {"segmentation_mask": np.ones((BATCH, TIME + 1), np.int32)},
+      r"segmentation_mask must have shape \(\*batch, time\) = \(3, 6\), got \(3, 7\)",
+    ),
+    (
+      "mask_dtype",
+      x,
+      {"segmentation_mask": np.ones((BATCH, TIME), np.float32)},
+      "segmentation_mask must be an integer or bool array, got dtype float32",
+    ),
+    (
+      "lengths_shape",
+      x,
+      {"seq_lengths": np.ones((BATCH + 1,), np.int32)},
+      r"seq_lengths must have shape \(\*batch,\) = \(3,\), got \(4,\)",
+    ),
+    (
+      "lengths_dtype",
+      x,
+      {"seq_lengths": np.ones((BATCH,), np.float32)},
+      "seq_lengths must be an integer array",
+    ),
+    (
+      "both",
+      x,
+      {
+        "segmentation_mask": np.ones((BATCH, TIME), np.int32),
+        "seq_lengths": np.ones((BATCH,), np.int32),
+      },
+      "either segmentation_mask or seq_lengths, not both",
+    ),
+    (
+      "lengths_too_long",
+      x,
+      {"seq_lengths": np.array([1, 7, 2])},
+      r"seq_lengths must lie in \[0, time\] = \[0, 6\], got 7 for row \(1,\)",
+    ),
+    (
+      "lengths_negative",
+      x,
+      {"seq_lengths": np.array([1, -1, 2])},
+      r"seq_lengths must lie in \[0, time\] = \[0, 6\], got -1",
+    ),
+    (
+      "padding_inside",
+      x,
+      {"segmentation_mask": np.array([[1, 1, 0, 1, 0, 0]] + [[1] * TIME] * 2)},
+      r"padding \(0\) must only sit at the end of a row; got row \(0,\) = "
+      r"\[1, 1, 0, 1, 0, 0\] \(at step 3\)",
+    ),
+    (
+      "negative_id",
+      x,
+      {"segmentation_mask": np.array([[1, -2, 0, 0, 0, 0]] + [[1] * TIME] * 2)},
+      "ids must be non-negative",
+    ),
+    (
+      "decreasing",
+      x,
+      {"segmentation_mask": np.array([[2, 2, 1, 1, 0, 0]] + [[1] * TIME] * 2)},
+      "segment ids must not decrease",
+    ),
+    (
+      "recurring",
+      x,
+      {"segmentation_mask": np.array([[1, 2, 1, 0, 0, 0]] + [[1] * TIME] * 2)},
+      "segment ids must not decrease",
+    ),
+    (
+      "carry_shape",
+      x,
+      {"initial_carry": np.zeros((BATCH, FEATURES + 1))},
+      r"initial_carry must match the cell's carry .* \(3, 5\).* got \(3, 6\)",
+    ),
+    (
+      "carry_structure",
+      x,
+      {"initial_carry": (np.zeros((BATCH, FEATURES)),) * 2},
+      "initial_carry must match the cell's carry",
+    ),
+  ]
+
+
+class RNNBadInputTest(parameterized.TestCase):
+  @parameterized.named_parameters(*_error_cases())
+  def test_raises_before_computing(self, shape, options, message):
+    def forward(inputs):
+      return hk_rnn.RNN(hk_rnn.GRUCell(FEATURES))(inputs, **options)
+
+    with self.assertRaisesRegex(ValueError, message):
+      hk.transform(forward).init(jax.random.PRNGKey(0), jnp.ones(shape))
+
+  def test_traced_mask_is_accepted_under_jit(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    params, expected = test_utils.init_and_apply(_rnn_fn("gru"), inputs, mask)
+    model = test_utils.transform(_rnn_fn("gru"))
+    test_utils.tree_allclose(
+      self, jax.jit(model.apply)(params, inputs, mask), expected
+    )
+
+  def test_cell_must_be_a_cell(self):
+    with self.assertRaisesRegex(
+      ValueError, "cell must be an hk_rnn.RNNCellBase"
+    ):
+      hk.transform(lambda: hk_rnn.RNN(lambda c, x: (c, x))).init(None)
+
+
+class CustomCellTest(absltest.TestCase):
+  """Any RNNCellBase works, with pytree carries and outputs."""
+
+  def test_running_sum_cell(self):
+    class RunningSum(hk_rnn.RNNCellBase):
+      def __call__(self, carry, inputs):
+        total, count = carry
+        total = total + inputs
+        count = count + 1
+        return (total, count), {"total": total, "mean": total / count}
+
+      def initialize_carry(self, sample_inputs, rng=None):
+        return jnp.zeros_like(sample_inputs), jnp.zeros(
+          sample_inputs.shape[:-1] + (1,)
+        )
+
+    inputs = _inputs()
+    _, ((total, count), outputs) = test_utils.init_and_apply(
+      lambda x, m: hk_rnn.RNN(RunningSum())(x, m, reverse=True),
+      inputs,
+      jnp.asarray(PACKED_IDS),
+    )
+    for b, t in itertools.product(range(BATCH), range(TIME)):
+      if PACKED_IDS[b, t] == 0:
+        self.assertTrue(bool((outputs["total"][b, t] == 0).all()))
+    # Row 1 packs [2, 2 | 5 | 7, 7]; reversed, the last segment ends at step 3.
+    np.testing.assert_allclose(total[1], inputs[1, 3] + inputs[1, 4], rtol=1e-6)
+    self.assertEqual(float(count[1, 0]), 2.0)
+    np.testing.assert_allclose(
+      outputs["total"][1, 1], inputs[1, 0] + inputs[1, 1], rtol=1e-6
+    )
+
+
+if __name__ == "__main__":
+  absltest.main()
