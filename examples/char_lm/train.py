@@ -37,10 +37,10 @@ from examples.common import parallel, training
 
 training.define_flags(
   output_dir="runs/char_lm",
-  num_steps=600,
+  num_steps=1000,
   batch_size=32,
   learning_rate=3e-3,
-  eval_every=100,
+  eval_every=200,
 )
 _TEXT_PATH = flags.DEFINE_string(
   "text_path",
@@ -72,7 +72,7 @@ _NUM_LAYERS = flags.DEFINE_integer(
   "num_layers", 2, "Stacked LSTM layers.", lower_bound=1
 )
 _HIDDEN_SIZE = flags.DEFINE_integer(
-  "hidden_size", 256, "LSTM units per layer.", lower_bound=1
+  "hidden_size", 128, "LSTM units per layer.", lower_bound=1
 )
 _EMBED_SIZE = flags.DEFINE_integer(
   "embed_size", 64, "Character embedding size.", lower_bound=1
