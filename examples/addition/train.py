@@ -41,6 +41,9 @@ training.define_flags(
   learning_rate=3e-3,
   eval_every=250,
 )
+# `--help` lists the shared flags too, not only this file's.
+flags.adopt_module_key_flags(training)
+flags.adopt_module_key_flags(parallel)
 _MAX_DIGITS = flags.DEFINE_integer(
   "max_digits",
   3,

@@ -42,6 +42,9 @@ training.define_flags(
   learning_rate=3e-3,
   eval_every=200,
 )
+# `--help` lists the shared flags too, not only this file's.
+flags.adopt_module_key_flags(training)
+flags.adopt_module_key_flags(parallel)
 _TEXT_PATH = flags.DEFINE_string(
   "text_path",
   None,
