@@ -223,9 +223,9 @@ def main(argv):
   _, predictions = evaluate_batch(
     result.state["params"], eval_batch, max_digits + 2
   )
-  # Gathered from every host's devices, so any process could print them.
+  # A collective: every process takes part, process 0 prints.
   predictions = multihost_utils.process_allgather(predictions, tiled=True)
-  for row in range(8):
+  for row in range(8 if parallel.is_main_process() else 0):
     question = to_text(eval_host["source"][row])
     answer = to_text(predictions[row])
     truth = to_text(eval_host["targets"][row])
