@@ -1,8 +1,7 @@
 """The per-run metrics file (JSON lines) and the PNG of its curves.
 
 One record per line: `{"step": 100, "split": "train", "loss": 1.23, ...}`.
-`split` is "train" or "eval" (or a trainer's own, e.g. "benchmark"); every
-other key is a metric. The plot puts each metric in its own panel, one line
+`split` is "train" or "eval"; every other key is a metric. The plot puts each metric in its own panel, one line
 per split, so train and eval curves of the same quantity share axes.
 """
 
@@ -41,10 +40,8 @@ class MetricsWriter:
     kept = []
     if resume_step is not None:
       kept = [r for r in read_records(path) if r["step"] <= resume_step]
-    self.path = path
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    self._file = open(path, "a", encoding="utf-8")
+    self._file = open(path, "w", encoding="utf-8")
+    self._file.writelines(json.dumps(r) + "\n" for r in kept)
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     """Appends one record and flushes it, so a crash loses nothing written."""
