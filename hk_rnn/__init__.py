@@ -15,7 +15,8 @@ from hk_rnn._src.cells import (
   SimpleCell,
 )
 from hk_rnn._src.rnn import RNN
-from hk_rnn._src.sequences import flip_sequences
+from hk_rnn._src.sequences import flip_sequences, last_segment_ids
+from hk_rnn._src.stacked import StackedRNN
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,7 @@ __all__ = (
   "MGUCell",
   "RNNCellBase",
   "SimpleCell",
+  "StackedRNN",
   "flip_sequences",
+  "last_segment_ids",
 )

@@ -280,83 +280,6 @@ class RNNLayoutTest(parameterized.TestCase):
     test_utils.tree_allclose(self, outputs, expected)
 
 
-class RNNDropoutTest(parameterized.TestCase):
-  def _forward(self, kind, **options):
-    def forward(inputs, mask, is_training):
-      cell = test_utils.CELLS[kind](FEATURES, name="cell", **options)
-      return hk_rnn.RNN(cell)(inputs, mask, is_training=is_training)
-
-    return forward
-
-  @parameterized.parameters("lstm", "gru", "simple", "mgu")
-  def test_masks_are_fixed_over_time(self, kind):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    options = dict(dropout_rate=0.3, recurrent_dropout_rate=0.4)
-    model = hk.transform(self._forward(kind, **options))
-    params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
-    rng = jax.random.PRNGKey(7)
-    carry, outputs = model.apply(params, rng, inputs, mask, True)
-
-    def sample_masks(inputs):
-      cell = test_utils.CELLS[kind](FEATURES, name="cell", **options)
-      return cell.dropout_masks(inputs[:, 0])
-
-    # The same rng in the same order draws the masks RNN used.
-    masks = hk.transform(sample_masks).apply({}, rng, inputs)
-    expected = test_utils.reference_rnn(
-      kind,
-      params["cell"],
-      inputs * masks.inputs[:, None],
-      PACKED_IDS,
-      _initial_carry(kind),
-      recurrent_mask=masks.recurrent,
-    )
-    test_utils.tree_allclose(self, (carry, outputs), expected)
-
-  def test_mask_statistics(self):
-    def sample(x):
-      cell = hk_rnn.LSTMCell(64, dropout_rate=0.25, recurrent_dropout_rate=0.5)
-      return cell.dropout_masks(x)
-
-    masks = hk.transform(sample).apply(
-      {}, jax.random.PRNGKey(0), jnp.ones((500, 32))
-    )
-    for rate, mask in ((0.25, masks.inputs), (0.5, masks.recurrent)):
-      mask = np.asarray(mask)
-      np.testing.assert_allclose(
-        np.unique(mask), [0.0, 1.0 / (1 - rate)], rtol=1e-6
-      )
-      kept = (mask != 0).mean()
-      self.assertAlmostEqual(kept, 1 - rate, delta=0.02)
-      self.assertAlmostEqual(mask.mean(), 1.0, delta=0.04)
-
-  def test_not_training_is_deterministic_and_needs_no_rng(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    forward = self._forward(
-      "lstm", dropout_rate=0.5, recurrent_dropout_rate=0.5
-    )
-    model = hk.transform(forward)
-    params = model.init(jax.random.PRNGKey(0), inputs, mask, False)
-    plain = test_utils.transform(_rnn_fn("lstm")).apply(params, inputs, mask)
-    test_utils.tree_allclose(
-      self, model.apply(params, None, inputs, mask, False), plain
-    )
-
-  def test_training_without_rng_fails(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    model = hk.transform(self._forward("gru", recurrent_dropout_rate=0.5))
-    params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
-    with self.assertRaisesRegex(ValueError, "PRNGKey"):
-      model.apply(params, None, inputs, mask, True)
-
-  @parameterized.parameters(-0.1, 1.0, 1.5)
-  def test_bad_rate(self, rate):
-    with self.assertRaisesRegex(
-      ValueError, r"dropout_rate must lie in \[0, 1\)"
-    ):
-      hk.transform(lambda: hk_rnn.GRUCell(3, dropout_rate=rate)).init(None)
-
-
 def _error_cases():
   """(name, inputs shape, call options, message regex) for bad input."""
   x = (BATCH, TIME, INPUTS)
@@ -506,6 +429,144 @@ class CustomCellTest(absltest.TestCase):
     self.assertEqual(float(count[1, 0]), 2.0)
     np.testing.assert_allclose(
       outputs["total"][1, 1], inputs[1, 0] + inputs[1, 1], rtol=1e-6
+    )
+
+
+class RNNRematTest(parameterized.TestCase):
+  """Rematerialisation changes memory, never values or gradients."""
+
+  @parameterized.product(remat=("step", "chunked"), reverse=(False, True))
+  def test_matches_plain_scan(self, remat, reverse):
+    # time 6 is not a multiple of the chunk (3), exercising the tail.
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    plain = test_utils.transform(_rnn_fn("lstm", reverse=reverse, fused=False))
+    rematted = test_utils.transform(
+      _rnn_fn("lstm", reverse=reverse, remat=remat)
+    )
+    params = plain.init(jax.random.PRNGKey(0), inputs, mask)
+
+    def run(model):
+      def loss(params, inputs):
+        return _loss(*model.apply(params, inputs, mask))
+
+      values = model.apply(params, inputs, mask)
+      return values, jax.grad(loss, argnums=(0, 1))(params, inputs)
+
+    test_utils.tree_allclose(self, run(rematted), run(plain), atol=1e-6)
+
+  def test_chunked_without_mask_and_odd_length(self):
+    inputs = _inputs(shape=(2, 7, INPUTS))
+    params, expected = test_utils.init_and_apply(
+      _rnn_fn("gru", fused=False), inputs
+    )
+    got = test_utils.transform(_rnn_fn("gru", remat="chunked")).apply(
+      params, inputs
+    )
+    test_utils.tree_allclose(self, got, expected)
+
+  def test_bad_mode(self):
+    with self.assertRaisesRegex(ValueError, "remat must be one of"):
+      hk.transform(lambda: hk_rnn.RNN(hk_rnn.GRUCell(2), remat="all")).init(
+        None
+      )
+
+
+class RNNStreamingTest(parameterized.TestCase):
+  """Chunk by chunk, passing carries along, equals one full-sequence run."""
+
+  @parameterized.parameters(("lstm", True), ("gru", True), ("lstm", False))
+  def test_chunks_equal_full_sequence(self, kind, fused):
+    time = 12
+    # Segments and padding cross the chunk boundaries at 4 and 8; row 2 has
+    # a segment starting exactly at a boundary, row 3 is padding from 3.
+    ids = np.array(
+      [
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3],
+        [4, 4, 4, 4, 6, 6, 6, 6, 6, 9, 9, 9],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+      ],
+      np.int32,
+    )
+    inputs = _inputs(shape=(4, time, INPUTS))
+    full_model = test_utils.transform(_rnn_fn(kind, fused=fused))
+    params = full_model.init(jax.random.PRNGKey(0), inputs, jnp.asarray(ids))
+    full_carry, full_outputs = full_model.apply(
+      params, inputs, jnp.asarray(ids)
+    )
+
+    def chunk_loss(params, inputs):
+      carry, previous, outputs = None, None, []
+      for start in range(0, time, 4):
+        chunk_ids = jnp.asarray(ids[:, start : start + 4])
+        carry, chunk_outputs = full_model.apply(
+          params,
+          inputs[:, start : start + 4],
+          chunk_ids,
+          initial_carry=carry,
+          initial_segment_ids=previous,
+        )
+        previous = hk_rnn.last_segment_ids(chunk_ids, previous)
+        outputs.append(chunk_outputs)
+      return carry, jnp.concatenate(outputs, axis=1)
+
+    carry, outputs = chunk_loss(params, inputs)
+    test_utils.tree_allclose(self, outputs, full_outputs)
+    test_utils.tree_allclose(self, carry, full_carry)
+
+    def full_loss(params):
+      return _loss(*full_model.apply(params, inputs, jnp.asarray(ids)))
+
+    test_utils.tree_allclose(
+      self,
+      jax.grad(lambda p: _loss(*chunk_loss(p, inputs)))(params),
+      jax.grad(full_loss)(params),
+      atol=1e-5,
+    )
+
+  def test_lengths_stream_with_carry_alone(self):
+    """One sequence per row needs no segment ids: the carry continues."""
+    inputs, lengths = _inputs(), jnp.array([2, 5, 6])
+    model = test_utils.transform(_rnn_fn("gru"))
+    params, (carry, outputs) = test_utils.init_and_apply(
+      _rnn_fn("gru"), inputs, seq_lengths=lengths
+    )
+    first_carry, first = model.apply(
+      params, inputs[:, :3], seq_lengths=jnp.minimum(lengths, 3)
+    )
+    second_carry, second = model.apply(
+      params,
+      inputs[:, 3:],
+      seq_lengths=jnp.maximum(lengths - 3, 0),
+      initial_carry=first_carry,
+    )
+    test_utils.tree_allclose(self, second_carry, carry)
+    test_utils.tree_allclose(
+      self, jnp.concatenate([first, second], axis=1), outputs
+    )
+
+  def test_streaming_rejects_reverse_and_bad_ids(self):
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    with self.assertRaisesRegex(ValueError, "initial_segment_ids .* reverse"):
+      test_utils.init_and_apply(
+        _rnn_fn("gru", reverse=True),
+        inputs,
+        mask,
+        initial_segment_ids=jnp.ones((BATCH,), jnp.int32),
+      )
+    with self.assertRaisesRegex(
+      ValueError, r"initial_segment_ids must be an integer array of shape"
+    ):
+      test_utils.init_and_apply(
+        _rnn_fn("gru"), inputs, mask, initial_segment_ids=jnp.ones((2,), int)
+      )
+
+  def test_last_segment_ids(self):
+    ids = jnp.array([[1, 1, 2, 0], [0, 0, 0, 0], [3, 3, 3, 3]])
+    np.testing.assert_array_equal(hk_rnn.last_segment_ids(ids), [2, 0, 3])
+    np.testing.assert_array_equal(
+      hk_rnn.last_segment_ids(ids.T, jnp.array([5, 6, 7]), time_major=True),
+      [2, 6, 3],
     )
 
 

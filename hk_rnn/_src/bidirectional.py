@@ -120,7 +120,7 @@ class Bidirectional(hk.Module):
       forward_carry, backward_carry = initial_carry
     # Check the mask here too, so that errors name this module.
     for rnn in (self.forward_rnn, self.backward_rnn):
-      layout = rnn_lib._Layout.of(  # noqa: SLF001
+      layout = rnn_lib.Layout.of(
         inputs, rnn.cell.num_feature_axes, time_major, "Bidirectional"
       )
     sequences.segment_ids(

@@ -47,9 +47,15 @@ class RNNCellBase(hk.Module, abc.ABC):
     """How many trailing axes of one input step are features (1 for dense)."""
     return 1
 
-  def dropout_masks(self, sample_inputs: Array) -> dropout.DropoutMasks:
-    """Samples this cell's variational dropout masks (none by default)."""
-    del sample_inputs
+  def dropout_masks(
+    self, sample_inputs: Array, rng: jax.Array | None = None
+  ) -> dropout.DropoutMasks:
+    """Samples this cell's variational dropout masks (none by default).
+
+    The same ``rng`` always gives the same masks; without it they draw from
+    ``hk.next_rng_key()``.
+    """
+    del sample_inputs, rng
     return dropout.DropoutMasks(None, None)
 
   def _fused_sequence(
@@ -203,20 +209,32 @@ class _GatedCell(RNNCellBase):
         leaves = build()
     return leaves if self._carry_size > 1 else leaves[0]
 
-  def dropout_masks(self, sample_inputs: Array) -> dropout.DropoutMasks:
-    """Samples the input and recurrent masks once per sequence.
+  def dropout_masks(
+    self, sample_inputs: Array, rng: jax.Array | None = None
+  ) -> dropout.DropoutMasks:
+    """Samples the input and recurrent masks for one batch of sequences.
 
     The input mask is shaped like one step of input, the recurrent mask like
     the hidden state ``h``; kept units are scaled by ``1 / (1 - rate)``.
-    Needs an rng (``hk.next_rng_key()``) when a rate is non-zero.
+    Draws from ``rng`` when given (the same key gives the same masks), else
+    from ``hk.next_rng_key()``, when a rate is non-zero.
     """
     dtype = self._compute_dtype(sample_inputs.dtype)
-    return dropout.DropoutMasks(
-      inputs=dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
-      recurrent=dropout.sample_mask(
-        self.recurrent_dropout_rate, self._hidden_shape(sample_inputs), dtype
-      ),
-    )
+
+    def sample():
+      return dropout.DropoutMasks(
+        inputs=dropout.sample_mask(
+          self.dropout_rate, sample_inputs.shape, dtype
+        ),
+        recurrent=dropout.sample_mask(
+          self.recurrent_dropout_rate, self._hidden_shape(sample_inputs), dtype
+        ),
+      )
+
+    if rng is None:
+      return sample()
+    with hk.with_rng(rng):
+      return sample()
 
 
 def _masked(h: Array, recurrent_mask: Array | None) -> Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import haiku as hk
@@ -26,6 +27,10 @@ def _select_rows(pred: Array, on_true: Any, on_false: Any) -> Any:
   return jax.tree.map(select, on_true, on_false)
 
 
+REMAT_MODES = (None, "step", "chunked")
+DROPOUT_SAMPLING = ("once", "per_step")
+
+
 def scan_cell(
   cell: cells_lib.RNNCellBase,
   inputs: Array,
@@ -35,9 +40,12 @@ def scan_cell(
   packed: bool,
   reverse: bool,
   keep_order: bool,
-  recurrent_mask: Array | None,
+  recurrent_mask: Array | Callable[[], Array] | None,
   unroll: int,
   fused: bool,
+  remat: str | None = None,
+  reset_carry: Carry | None = None,
+  continued: Array | None = None,
 ) -> tuple[Carry, Any]:
   """Runs ``cell`` over time-major ``inputs (time, batch, *features)``.
 
@@ -45,14 +53,21 @@ def scan_cell(
   ``ids (time, batch)``, at every step:
 
   * a step that starts a segment (``reset``) first replaces the carry with
-    ``initial_carry``, so packed sequences never see each other;
+    ``reset_carry`` (``initial_carry`` unless streaming), so packed sequences
+    never see each other;
   * a padded step (``~valid``) keeps the carry and outputs exactly zero;
   * padded inputs are zeroed once up front, so that NaN or inf there cannot
     reach any value or gradient through the cell.
 
-  ``reverse`` flips each segment in place before the scan (the ids are
-  unchanged by such a flip) and, with ``keep_order``, flips the outputs back.
+  ``continued (batch,)`` marks rows whose first segment continues the carry
+  passed in (streaming); their first step is not a reset. ``reverse`` flips
+  each segment in place before the scan (the ids are unchanged by such a
+  flip) and, with ``keep_order``, flips the outputs back.
+  ``recurrent_mask`` is a mask, or a function sampling it inside each step.
+  ``remat`` recomputes activations in the backward pass: per step, or per
+  chunk of about sqrt(time) steps.
   """
+  reset_carry = initial_carry if reset_carry is None else reset_carry
   valid = reset = None
   if ids is not None:
     valid = ids != 0
@@ -61,35 +76,102 @@ def scan_cell(
     )
     if packed:
       reset = sequences.segment_starts(ids, axis=0)
+      if continued is not None:
+        reset = reset.at[0].set(reset[0] & ~continued)
   if reverse:
     inputs = sequences.flip_tree(inputs, ids, axis=0)
 
   result = None
-  if fused:
+  # The kernels reset packed segments to the carry they start from, so a
+  # stream continuing a carry into packed rows takes the step path.
+  if (
+    fused and remat is None and (reset is None or reset_carry is initial_carry)
+  ):
+    mask = recurrent_mask() if callable(recurrent_mask) else recurrent_mask
     result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-      inputs, initial_carry, valid, reset, recurrent_mask, unroll
+      inputs, initial_carry, valid, reset, mask, unroll
     )
   if result is None:
-    step_options = {}
-    if recurrent_mask is not None:
-      step_options["recurrent_mask"] = recurrent_mask
-
-    def step(carry, step_inputs):
-      x, is_valid, is_reset = step_inputs
-      if is_reset is not None:
-        carry = _select_rows(is_reset, initial_carry, carry)
-      new_carry, outputs = cell(carry, x, **step_options)
-      if is_valid is not None:
-        new_carry = _select_rows(is_valid, new_carry, carry)
-        outputs = _select_rows(
-          is_valid, outputs, jax.tree.map(jnp.zeros_like, outputs)
-        )
-      return new_carry, outputs
-
-    result = hk.scan(step, initial_carry, (inputs, valid, reset), unroll=unroll)
+    result = _step_scan(
+      cell,
+      inputs,
+      initial_carry,
+      reset_carry,
+      valid,
+      reset,
+      recurrent_mask,
+      unroll,
+      remat,
+    )
   final_carry, outputs = result
   if reverse and keep_order:
     outputs = sequences.flip_tree(outputs, ids, axis=0)
+  return final_carry, outputs
+
+
+def _step_scan(
+  cell,
+  inputs,
+  initial_carry,
+  reset_carry,
+  valid,
+  reset,
+  recurrent_mask,
+  unroll,
+  remat,
+):
+  """The generic path: ``hk.scan`` over the cell's own step."""
+
+  def step(carry, step_inputs):
+    x, is_valid, is_reset = step_inputs
+    if is_reset is not None:
+      carry = _select_rows(is_reset, reset_carry, carry)
+    options = {}
+    if recurrent_mask is not None:
+      options["recurrent_mask"] = (
+        recurrent_mask() if callable(recurrent_mask) else recurrent_mask
+      )
+    new_carry, outputs = cell(carry, x, **options)
+    if is_valid is not None:
+      new_carry = _select_rows(is_valid, new_carry, carry)
+      outputs = _select_rows(
+        is_valid, outputs, jax.tree.map(jnp.zeros_like, outputs)
+      )
+    return new_carry, outputs
+
+  if remat == "step":
+    step = hk.remat(step)
+  if remat != "chunked":
+    return hk.scan(step, initial_carry, (inputs, valid, reset), unroll=unroll)
+
+  # Save only the carry at chunk boundaries; recompute inside each chunk.
+  time, batch = inputs.shape[:2]
+  chunk = max(1, math.isqrt(time - 1) + 1) if time > 1 else 1
+  chunks = -(-time // chunk)
+  extra = chunks * chunk - time
+  if valid is None:
+    valid = jnp.ones((time, batch), bool)
+
+  def split(array, fill):
+    if array is None:
+      return None
+    padding = jnp.full((extra, *array.shape[1:]), fill, array.dtype)
+    array = jnp.concatenate([array, padding]) if extra else array
+    return array.reshape((chunks, chunk, *array.shape[1:]))
+
+  @hk.remat
+  def run_chunk(carry, chunk_inputs):
+    return hk.scan(step, carry, chunk_inputs, unroll=unroll)
+
+  final_carry, outputs = hk.scan(
+    run_chunk,
+    initial_carry,
+    (split(inputs, 0), split(valid, False), split(reset, False)),
+  )
+  outputs = jax.tree.map(
+    lambda leaf: leaf.reshape((chunks * chunk, *leaf.shape[2:]))[:time],
+    outputs,
+  )
   return final_carry, outputs
 
 
@@ -161,6 +243,8 @@ class RNN(hk.Module):
     keep_order: bool = False,
     unroll: int = 1,
     fused: bool = True,
+    remat: str | None = None,
+    dropout_sampling: str = "once",
     name: str | None = None,
   ):
     """Configures the layer; call arguments of the same name override these.
@@ -174,6 +258,14 @@ class RNN(hk.Module):
       keep_order: with ``reverse``, return outputs in input order.
       unroll: scan steps unrolled per loop iteration (``lax.scan``'s).
       fused: use the cell's whole-sequence kernel where it has one.
+      remat: trade compute for memory in training: ``"step"`` recomputes
+        each step's activations in the backward pass, ``"chunked"`` keeps
+        only the carry every ~sqrt(time) steps and recomputes a chunk at a
+        time. Both run the cell step by step (no fused kernel).
+      dropout_sampling: how the recurrent dropout mask reaches each step:
+        ``"once"`` samples it before the scan and closes over it,
+        ``"per_step"`` regenerates the same mask inside every step from a
+        fixed key. Same numbers; see the README's benchmark.
       name: the module name.
     """
     super().__init__(name=name)
@@ -188,8 +280,19 @@ class RNN(hk.Module):
     self.return_carry = return_carry
     self.reverse = reverse
     self.keep_order = keep_order
+    if remat not in REMAT_MODES:
+      raise ValueError(
+        f"RNN: remat must be one of {REMAT_MODES}, got {remat!r}"
+      )
+    if dropout_sampling not in DROPOUT_SAMPLING:
+      raise ValueError(
+        f"RNN: dropout_sampling must be one of {DROPOUT_SAMPLING}, got "
+        f"{dropout_sampling!r}"
+      )
     self.unroll = int(unroll)
     self.fused = fused
+    self.remat = remat
+    self.dropout_sampling = dropout_sampling
 
   def __call__(
     self,
@@ -203,6 +306,7 @@ class RNN(hk.Module):
     reverse: bool | None = None,
     keep_order: bool | None = None,
     is_training: bool = False,
+    initial_segment_ids: Array | None = None,
   ):
     """Runs the cell over ``inputs``.
 
@@ -218,6 +322,12 @@ class RNN(hk.Module):
       return_carry, time_major, reverse, keep_order: override the
         constructor's.
       is_training: apply the cell's dropout (needs an rng).
+      initial_segment_ids: for streaming a long sequence in chunks, integer
+        ``(*batch,)``: the segment each row's ``initial_carry`` belongs to
+        (``hk_rnn.last_segment_ids`` of the previous chunk's mask). A row's
+        first segment continues from ``initial_carry`` when its id matches;
+        every other segment starts from the cell's own initial carry. Not
+        with ``reverse``.
 
     Returns:
       ``(final_carry, outputs)``, or ``outputs`` alone without
@@ -228,7 +338,7 @@ class RNN(hk.Module):
     time_major = self.time_major if time_major is None else time_major
     reverse = self.reverse if reverse is None else reverse
     keep_order = self.keep_order if keep_order is None else keep_order
-    layout = _Layout.of(inputs, self.cell.num_feature_axes, time_major, "RNN")
+    layout = Layout.of(inputs, self.cell.num_feature_axes, time_major, "RNN")
     ids = sequences.segment_ids(
       segmentation_mask,
       seq_lengths,
@@ -250,12 +360,18 @@ class RNN(hk.Module):
       initial_carry = layout.carry_to_scan(
         check_initial_carry(self.cell, initial_carry, layout, "RNN")
       )
-    recurrent_mask = None
-    if is_training:
-      masks = self.cell.dropout_masks(sample)
-      if masks.inputs is not None:
-        inputs = inputs * masks.inputs
-      recurrent_mask = masks.recurrent
+    reset_carry = continued = None
+    if initial_segment_ids is not None:
+      if reverse:
+        raise ValueError(
+          "RNN: initial_segment_ids (streaming) needs reverse=False, got "
+          "reverse=True"
+        )
+      continued = _continued_rows(initial_segment_ids, ids, layout)
+      if continued is not None:
+        packed = True
+        reset_carry = self.cell.initialize_carry(sample)
+    inputs, recurrent_mask = self._dropout(sample, inputs, is_training)
     final_carry, outputs = scan_cell(
       self.cell,
       inputs,
@@ -267,14 +383,51 @@ class RNN(hk.Module):
       recurrent_mask=recurrent_mask,
       unroll=self.unroll,
       fused=self.fused,
+      remat=self.remat,
+      reset_carry=reset_carry,
+      continued=continued,
     )
     outputs = layout.from_scan(outputs)
     if not return_carry:
       return outputs
     return layout.carry_from_scan(final_carry), outputs
 
+  def _dropout(self, sample, inputs, is_training):
+    """Applies input dropout; returns the inputs and the recurrent mask."""
+    if not is_training:
+      return inputs, None
+    cell = self.cell
+    if not (
+      getattr(cell, "dropout_rate", 0)
+      or getattr(cell, "recurrent_dropout_rate", 0)
+    ):
+      return inputs, None
+    key = hk.next_rng_key()
+    masks = cell.dropout_masks(sample, rng=key)
+    if masks.inputs is not None:
+      inputs = inputs * masks.inputs
+    if masks.recurrent is None or self.dropout_sampling == "once":
+      return inputs, masks.recurrent
+    return inputs, lambda: cell.dropout_masks(sample, rng=key).recurrent
 
-class _Layout:
+
+def _continued_rows(initial_segment_ids, ids, layout) -> Array | None:
+  """Rows whose first step continues the segment of the incoming carry."""
+  previous = jnp.asarray(initial_segment_ids)
+  if tuple(previous.shape) != layout.batch_shape or not jnp.issubdtype(
+    previous.dtype, jnp.integer
+  ):
+    raise ValueError(
+      "RNN: initial_segment_ids must be an integer array of shape "
+      f"(*batch,) = {layout.batch_shape}, got {previous.dtype} "
+      f"{tuple(previous.shape)}"
+    )
+  if ids is None:
+    return None  # One unbroken sequence per row: the carry always continues.
+  return ids[0] == previous.reshape(layout.batch_size)
+
+
+class Layout:
   """Moves arrays between the user's layout and the scan's.
 
   The scan runs time-major with exactly one batch axis:
@@ -283,6 +436,7 @@ class _Layout:
   """
 
   def __init__(self, batch_shape, time, feature_shape, dtype, time_major):
+    self.num_feature_axes = len(feature_shape)
     self.batch_shape = tuple(batch_shape)
     self.time = time
     self.feature_shape = tuple(feature_shape)
@@ -292,7 +446,7 @@ class _Layout:
     self.batch_size = math.prod(self.batch_shape)
 
   @classmethod
-  def of(cls, inputs, num_feature_axes, time_major, context) -> _Layout:
+  def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
     shape = np.shape(inputs)
     if len(shape) < num_feature_axes + 1:
       layout = (

@@ -295,3 +295,37 @@ def flip_sequences(
     context=context,
   )
   return flip_tree(jax.tree.map(jnp.asarray, inputs), ids, axis)
+
+
+def last_segment_ids(
+  segmentation_mask: Array,
+  previous: Array | None = None,
+  *,
+  time_major: bool = False,
+) -> Array:
+  """The id of each row's last segment, for streaming the next chunk.
+
+  Pass the result as ``initial_segment_ids`` with the chunk's final carry
+  when running the next chunk of the same rows (see ``RNN``). A row that is
+  all padding in this chunk keeps ``previous`` (0 when there is none).
+
+  >>> import jax.numpy as jnp, hk_rnn
+  >>> hk_rnn.last_segment_ids(jnp.array([[1, 1, 2, 0], [0, 0, 0, 0]]),
+  ...                         previous=jnp.array([1, 7]))
+  Array([2, 7], dtype=int32)
+
+  Args:
+    segmentation_mask: integer or bool, ``(*batch, time)`` (``(time,
+      *batch)`` when ``time_major``).
+    previous: integer ``(*batch,)``, the ids before this chunk.
+    time_major: the mask's layout.
+
+  Returns:
+    int32 ``(*batch,)``.
+  """
+  ids = jnp.asarray(segmentation_mask).astype(jnp.int32)
+  # Ids never decrease along a row and padding is 0, so the last is the max.
+  last = jnp.max(ids, axis=0 if time_major else -1)
+  if previous is None:
+    return last
+  return jnp.where(last == 0, jnp.asarray(previous, jnp.int32), last)
