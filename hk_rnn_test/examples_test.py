@@ -67,20 +67,24 @@ _REFERENCE_FILES = {
 _TRAINERS = [(name,) for name in _TINY_FLAGS]
 
 
-def run_trainer(name, *args, num_devices=None, cache_dir=None):
+def run_trainer(name, *args, num_devices=None):
   """Runs a trainer to completion; returns the finished process.
 
-  `cache_dir` shares compiled programs between runs (a third of a tiny run's
-  time is compiling); a cached program is the same program, so losses stay
-  bit-identical.
+  The runs share the persistent compilation cache that conftest.py sets up
+  (a third of a tiny run is compiling); a cached program is the same
+  program, so losses stay bit-identical.
   """
-  env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS="cpu")
-  if cache_dir:
-    env.update(
-      JAX_COMPILATION_CACHE_DIR=cache_dir,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+  env = dict(
+    os.environ,
+    PYTHONPATH=_REPO,
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=os.environ.get(
+      "JAX_COMPILATION_CACHE_DIR",
+      os.path.join(tempfile.gettempdir(), "hk_rnn_jax_cache"),
+    ),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   env.pop("XLA_FLAGS", None)
   if num_devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
@@ -94,7 +98,7 @@ def run_trainer(name, *args, num_devices=None, cache_dir=None):
   )
 
 
-def train_losses(name, output_dir, *args, num_devices=None, cache_dir=None):
+def train_losses(name, output_dir, *args, num_devices=None):
   """Trains with the tiny flags; returns {step: train loss} from the JSONL."""
   process = run_trainer(
     name,
@@ -104,7 +108,6 @@ def train_losses(name, output_dir, *args, num_devices=None, cache_dir=None):
     "--log_every=1",
     *args,
     num_devices=num_devices,
-    cache_dir=cache_dir,
   )
   if process.returncode:
     raise AssertionError(f"{name} failed:\n{process.stderr[-5000:]}")
@@ -125,7 +128,6 @@ class TrainerTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls._tmp = tempfile.TemporaryDirectory()
-    cls._cache_dir = os.path.join(cls._tmp.name, "jax_cache")
 
   @classmethod
   def tearDownClass(cls):
@@ -138,11 +140,7 @@ class TrainerTest(parameterized.TestCase):
     """The uninterrupted one-device run, shared by the tests that need it."""
     output_dir = os.path.join(cls._tmp.name, f"{name}_reference")
     losses = train_losses(
-      name,
-      output_dir,
-      f"--num_steps={_STEPS}",
-      *_REFERENCE_FLAGS[name],
-      cache_dir=cls._cache_dir,
+      name, output_dir, f"--num_steps={_STEPS}", *_REFERENCE_FLAGS[name]
     )
     return output_dir, losses
 
@@ -160,16 +158,10 @@ class TrainerTest(parameterized.TestCase):
   def test_resume_continues_exactly(self, name):
     _, reference = self._reference(name)
     output_dir = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "run")
-    first = train_losses(
-      name, output_dir, f"--num_steps={_HALF}", cache_dir=self._cache_dir
-    )
+    first = train_losses(name, output_dir, f"--num_steps={_HALF}")
     self.assertEqual(sorted(first), list(range(1, _HALF + 1)))
     resumed = train_losses(
-      name,
-      output_dir,
-      f"--num_steps={_STEPS}",
-      "--resume",
-      cache_dir=self._cache_dir,
+      name, output_dir, f"--num_steps={_STEPS}", "--resume"
     )
     # The metrics file holds each step once, and every loss is bit-identical.
     self.assertEqual(resumed, reference)
@@ -179,11 +171,7 @@ class TrainerTest(parameterized.TestCase):
     _, reference = self._reference(name)
     output_dir = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "run")
     eight = train_losses(
-      name,
-      output_dir,
-      f"--num_steps={_STEPS}",
-      num_devices=8,
-      cache_dir=self._cache_dir,
+      name, output_dir, f"--num_steps={_STEPS}", num_devices=8
     )
     self.assertEqual(sorted(eight), sorted(reference))
     for step, loss in reference.items():

@@ -83,7 +83,8 @@ _EMBED_SIZE = flags.DEFINE_integer(
 _DROPOUT = flags.DEFINE_float(
   "dropout",
   0.0,
-  "Dropout rate between LSTM layers (training only).",
+  "Dropout rate on the inputs of every LSTM layer but the first (training "
+  "only).",
   lower_bound=0.0,
   upper_bound=0.9,
 )
@@ -182,24 +183,22 @@ def forward(tokens, carry, is_training, *, vocab_size):
   Args:
     tokens: int32 `(batch, time)` character indices.
     carry: a tuple with one LSTM carry per layer, or None for zeros.
-    is_training: applies dropout between layers.
+    is_training: applies `--dropout` between layers (needs an rng).
     vocab_size: the number of distinct characters.
 
   Returns:
     `(logits (batch, time, vocab_size), carry)`.
   """
   x = hk.Embed(vocab_size, _EMBED_SIZE.value)(tokens)
-  # TODO(stacked): hk_rnn.StackedRNN, once it lands, replaces this loop.
-  new_carry = []
-  for layer in range(_NUM_LAYERS.value):
-    rnn = hk_rnn.RNN(hk_rnn.LSTMCell(_HIDDEN_SIZE.value, name=f"lstm_{layer}"))
-    layer_carry, x = rnn(
-      x, initial_carry=None if carry is None else carry[layer]
-    )
-    new_carry.append(layer_carry)
-    if is_training and _DROPOUT.value > 0:
-      x = hk.dropout(hk.next_rng_key(), _DROPOUT.value, x)
-  return hk.Linear(vocab_size, name="logits")(x), tuple(new_carry)
+  stack = hk_rnn.StackedRNN(
+    [
+      hk_rnn.RNN(hk_rnn.LSTMCell(_HIDDEN_SIZE.value, name=f"lstm_{layer}"))
+      for layer in range(_NUM_LAYERS.value)
+    ],
+    dropout_rate=_DROPOUT.value,
+  )
+  carry, x = stack(x, initial_carry=carry, is_training=is_training)
+  return hk.Linear(vocab_size, name="logits")(x), carry
 
 
 def cross_entropy(logits, targets):
