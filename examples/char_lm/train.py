@@ -142,7 +142,7 @@ def load_corpus() -> str:
   if _TEXT_PATH.value is None:
     return stdlib_sources(_MAX_CHARS.value)
   try:
-    with open(_TEXT_PATH.value, encoding="utf-8") as f:
+    with open(training.user_path(_TEXT_PATH.value), encoding="utf-8") as f:
       return f.read(_MAX_CHARS.value)
   except (OSError, UnicodeDecodeError) as e:
     raise app.UsageError(

@@ -108,6 +108,16 @@ def define_flags(
   )
 
 
+def user_path(path: str) -> str:
+  """`path` as the user meant it, also under `bazel run`.
+
+  `bazel run` starts the binary in its runfiles folder and says where the
+  user was in BUILD_WORKING_DIRECTORY; relative paths are taken from there.
+  """
+  base = os.environ.get("BUILD_WORKING_DIRECTORY", "")
+  return os.path.join(base, os.path.expanduser(path))
+
+
 def check_positive(**values: int | float) -> None:
   """Ends the run with a usage message for any flag that is not > 0."""
   for name, value in values.items():
@@ -257,7 +267,7 @@ def train(
     The final state, the jitted train step, the last evaluation, the training
     wall time (seconds, without evaluation) and the run folder.
   """
-  output_dir = FLAGS.output_dir
+  output_dir = user_path(FLAGS.output_dir)
   num_steps = FLAGS.num_steps
   main = parallel.is_main_process()
   if main:
