@@ -237,7 +237,7 @@ def per_sequence_final_states(outputs, positions, segment_index, num_segments):
 
 
 def forward(batch):
-  """Logits `(num_slots, 2)`: are the first and last symbols equal?"""
+  """Logits `(num_slots, 2)`: do the last `--frame` symbols mirror the first?"""
   hidden = _HIDDEN_SIZE.value
   x = hk.Embed(_NUM_SYMBOLS.value + 1, _EMBED_SIZE.value)(batch["tokens"])
   mask = batch["mask"]
