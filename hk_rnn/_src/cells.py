@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src import dropout
+from hk_rnn._src import dropout, fused
 
 Array = jax.Array
 Carry = Any
@@ -173,11 +173,28 @@ class _GatedCell(RNNCellBase):
   def _parameter(self, name, shape, init) -> Array:
     return hk.get_parameter(name, tuple(shape), self.param_dtype, init=init)
 
-  def _dense_weights(self, input_size: int, dtype) -> tuple[Array, Array]:
+  def _dense_weights(
+    self, input_size: int, dtype: Any | None
+  ) -> tuple[Array, Array]:
+    """``w_i`` and ``w_h``, cast to ``dtype`` (as stored when ``None``)."""
     width = self._num_blocks * self.features
     w_i = self._parameter("w_i", (input_size, width), self.w_i_init)
     w_h = self._parameter("w_h", (self.features, width), self.w_h_init)
+    if dtype is None:
+      return w_i, w_h
     return w_i.astype(dtype), w_h.astype(dtype)
+
+  def _has_default_activations(self) -> bool:
+    """Whether the fused kernels (σ gates, tanh) compute this cell."""
+    return self.gate_fn is jax.nn.sigmoid and self.activation_fn is jnp.tanh
+
+  def _fused_options(self, valid, reset, recurrent_mask, unroll) -> dict:
+    return {
+      "valid": valid,
+      "reset": reset,
+      "recurrent_mask": recurrent_mask,
+      "unroll": unroll,
+    }
 
   def initialize_carry(
     self, sample_inputs: Array, rng: jax.Array | None = None
@@ -302,6 +319,25 @@ class LSTMCell(_GatedCell):
     new_h = self.gate_fn(o) * self.activation_fn(new_c)
     return (new_c, new_h), new_h
 
+  def _fused_sequence(
+    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+  ):
+    """The whole sequence in :func:`fused.lstm_sequence` (σ/tanh only)."""
+    if not self._has_default_activations():
+      return None
+    # Same parameters, created in the same order, as ``__call__``'s; passed
+    # uncast so that their gradients are accumulated in float32.
+    w_i, w_h = self._dense_weights(inputs.shape[-1], None)
+    b = self._parameter("b", (4 * self.features,), self.b_init)
+    return fused.lstm_sequence(
+      inputs.astype(self._compute_dtype(inputs.dtype)),
+      w_i,
+      w_h,
+      b,
+      tuple(initial_carry),
+      **self._fused_options(valid, reset, recurrent_mask, unroll),
+    )
+
 
 class GRUCell(_GatedCell):
   r"""Gated recurrent unit (Cho et al., 2014), in PyTorch's and cuDNN's form.
@@ -345,6 +381,26 @@ class GRUCell(_GatedCell):
     new_h = (1.0 - z) * n + z * h
     return new_h, new_h
 
+  def _fused_sequence(
+    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+  ):
+    """The whole sequence in :func:`fused.gru_sequence` (σ/tanh only)."""
+    if not self._has_default_activations():
+      return None
+    w_i, w_h = self._dense_weights(inputs.shape[-1], None)
+    width = 3 * self.features
+    b_i = self._parameter("b_i", (width,), self.b_init)
+    b_h = self._parameter("b_h", (width,), self.b_init)
+    return fused.gru_sequence(
+      inputs.astype(self._compute_dtype(inputs.dtype)),
+      w_i,
+      w_h,
+      b_i,
+      b_h,
+      initial_carry,
+      **self._fused_options(valid, reset, recurrent_mask, unroll),
+    )
+
 
 class SimpleCell(_GatedCell):
   r"""Elman RNN cell: :math:`h' = \tanh(x W_i + h W_h + b)`.
@@ -367,6 +423,26 @@ class SimpleCell(_GatedCell):
     h = _masked(carry.astype(dtype), recurrent_mask)
     new_h = self.activation_fn(inputs.astype(dtype) @ w_i + h @ w_h + b)
     return new_h, new_h
+
+  def _has_default_activations(self) -> bool:
+    return self.activation_fn is jnp.tanh  # gate_fn is unused here
+
+  def _fused_sequence(
+    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+  ):
+    """The whole sequence in :func:`fused.simple_sequence` (tanh only)."""
+    if not self._has_default_activations():
+      return None
+    w_i, w_h = self._dense_weights(inputs.shape[-1], None)
+    b = self._parameter("b", (self.features,), self.b_init)
+    return fused.simple_sequence(
+      inputs.astype(self._compute_dtype(inputs.dtype)),
+      w_i,
+      w_h,
+      b,
+      initial_carry,
+      **self._fused_options(valid, reset, recurrent_mask, unroll),
+    )
 
 
 class MGUCell(_GatedCell):

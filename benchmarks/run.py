@@ -1,0 +1,629 @@
+r"""Times recurrent training steps of hk_rnn and its peers side by side.
+
+Every contender installed (hk_rnn with its fused kernels, and with
+``fused=False``, a plain ``hk.scan`` of the cell; Flax ``nn.RNN`` with
+``LSTMCell``, ``OptimizedLSTMCell`` or ``GRUCell``; Haiku
+``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
+``nn.LSTM``/``nn.GRU``, with ``pack_padded_sequence`` where rows have
+lengths) runs the same case in one process. A training step is a jitted forward and backward pass of
+``loss = Σ outputs + Σ final carry`` with respect to the parameters;
+inference is the forward pass alone. Rounds interleave the contenders (the
+order rotates each round), each block starts with an untimed warm-up call,
+and the table reports the median over rounds.
+
+GFLOP/s counts the matrix products of a dense run of all ``T`` steps
+(``2·B·T·(D+F)·G·F`` per direction forward, three times that for a training
+step), also for masked cases, where some contenders skip padded steps.
+Memory is XLA's compiled temporary buffer size for JAX contenders and, for
+PyTorch, the growth of the peak resident set size over a few steps, measured
+in a fresh subprocess (``resource.getrusage``). The two are not the same
+quantity: compare within a family.
+
+Quick run (under two minutes on two cores)::
+
+    python -m benchmarks.run --quick
+
+Full run::
+
+    python -m benchmarks.run --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+# Fewer threads than cores makes every contender slower in the same way;
+# leave each library's default (one thread per core).
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark configuration (batch-major inputs ``(B, T, D)``)."""
+
+  name: str
+  title: str
+  cell: str  # "lstm" or "gru"
+  batch: int = 32
+  time: int = 64
+  inputs: int = 128
+  features: int = 256
+  masked: bool = False
+  bidirectional: bool = False
+  training: bool = True
+
+  @property
+  def blocks(self) -> int:
+    return {"lstm": 4, "gru": 3}[self.cell]
+
+  @property
+  def gemm_flops(self) -> float:
+    forward = (
+      2 * self.batch * self.time * (self.inputs + self.features)
+      * self.blocks * self.features
+    )  # fmt: skip
+    directions = 2 if self.bidirectional else 1
+    return forward * directions * (3 if self.training else 1)
+
+
+CASES = {
+  case.name: case
+  for case in (
+    Case("lstm", "LSTM training step", "lstm"),
+    Case("gru", "GRU training step", "gru"),
+    Case("masked_lstm", "LSTM, random lengths", "lstm", masked=True),
+    Case(
+      "masked_bilstm",
+      "Bidirectional LSTM, random lengths",
+      "lstm",
+      masked=True,
+      bidirectional=True,
+    ),
+    Case("long_lstm", "LSTM, T=1000", "lstm", time=1000),
+    Case(
+      "inference_lstm",
+      "LSTM inference, batch 4",
+      "lstm",
+      batch=4,
+      training=False,
+    ),
+  )
+}
+QUICK_CASES = ("lstm", "gru", "masked_bilstm")
+
+
+def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Inputs ``(B, T, D)`` float32, zero past each row's length, and lengths."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.normal(size=(case.batch, case.time, case.inputs))
+  if case.masked:
+    lengths = rng.integers(case.time // 4, case.time + 1, size=case.batch)
+    lengths[0] = case.time  # the longest row sets the padded length
+  else:
+    lengths = np.full(case.batch, case.time)
+  steps = np.arange(case.time)[None, :, None]
+  inputs = np.where(steps < lengths[:, None, None], inputs, 0.0)
+  return inputs.astype(np.float32), lengths.astype(np.int32)
+
+
+@dataclasses.dataclass
+class Runner:
+  """A ready-to-time step: ``run()`` blocks until the step has finished."""
+
+  run: Callable[[], Any]
+  memory_bytes: int | None = None
+
+
+# --- JAX contenders ---------------------------------------------------------
+
+
+def _carry_loss(carry, outputs):
+  import jax
+  import jax.numpy as jnp
+
+  total = jnp.sum(outputs)
+  for leaf in jax.tree.leaves(carry):
+    total = total + jnp.sum(leaf)
+  return total
+
+
+def _jax_runner(case, init, apply, inputs, lengths) -> Runner:
+  """Jits ``loss(params)`` (training) or ``apply(params)`` (inference)."""
+  import jax
+
+  params = init(inputs, lengths)
+
+  if case.training:
+
+    def step(params, inputs, lengths):
+      return jax.grad(lambda p: _carry_loss(*apply(p, inputs, lengths)))(params)
+  else:
+
+    def step(params, inputs, lengths):
+      return apply(params, inputs, lengths)
+
+  compiled = jax.jit(step).lower(params, inputs, lengths).compile()
+  memory = compiled.memory_analysis()
+  memory_bytes = None if memory is None else int(memory.temp_size_in_bytes)
+  return Runner(
+    lambda: jax.block_until_ready(compiled(params, inputs, lengths)),
+    memory_bytes,
+  )
+
+
+def _haiku_model(build):
+  """``(init, apply)`` of a Haiku function ``build(inputs, lengths)``."""
+  import haiku as hk
+  import jax
+
+  model = hk.without_apply_rng(hk.transform(build))
+  return (
+    lambda x, n: model.init(jax.random.key(0), x, n),
+    model.apply,
+  )
+
+
+def _hk_rnn(use_fused: bool):
+  def runner(case: Case, inputs, lengths) -> Runner | None:
+    """hk_rnn through its public API, fused kernels on or off."""
+    import hk_rnn
+
+    if not hasattr(hk_rnn, "RNN"):
+      return _hk_rnn_kernels(case, inputs, lengths) if use_fused else None
+    cell_class = {"lstm": hk_rnn.LSTMCell, "gru": hk_rnn.GRUCell}[case.cell]
+
+    def build(x, n):
+      def layer():
+        return hk_rnn.RNN(cell_class(case.features), fused=use_fused)
+
+      module = layer()
+      if case.bidirectional:
+        module = hk_rnn.Bidirectional(module, layer())
+      return module(x, seq_lengths=n if case.masked else None)
+
+    return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+
+  return runner
+
+
+def _hk_rnn_kernels(case: Case, inputs, lengths) -> Runner | None:
+  """The fused kernels called directly (before ``hk_rnn.RNN`` existed)."""
+  import haiku as hk
+  import jax.numpy as jnp
+
+  from hk_rnn._src import fused
+
+  width = case.blocks * case.features
+
+  def one_direction(x, valid, name):
+    with hk.name_scope(name):
+      w_i = hk.get_parameter(
+        "w_i", (case.inputs, width), init=hk.initializers.VarianceScaling()
+      )
+      w_h = hk.get_parameter(
+        "w_h", (case.features, width), init=hk.initializers.Orthogonal()
+      )
+      zeros = jnp.zeros((x.shape[1], case.features), x.dtype)
+      if case.cell == "lstm":
+        b = hk.get_parameter("b", (width,), init=jnp.zeros)
+        return fused.lstm_sequence(x, w_i, w_h, b, (zeros, zeros), valid=valid)
+      b_i = hk.get_parameter("b_i", (width,), init=jnp.zeros)
+      b_h = hk.get_parameter("b_h", (width,), init=jnp.zeros)
+      return fused.gru_sequence(x, w_i, w_h, b_i, b_h, zeros, valid=valid)
+
+  def build(x, n):
+    x = jnp.swapaxes(x, 0, 1)
+    steps = jnp.arange(case.time)[:, None]
+    valid = (steps < n[None, :]) if case.masked else None
+    carry, outputs = one_direction(x, valid, "forward")
+    if case.bidirectional:
+      # Reverse each row's valid prefix in place (padding stays at the end).
+      index = jnp.where(steps < n, n - 1 - steps, steps)
+      flip = lambda a: jnp.take_along_axis(a, index[..., None], axis=0)  # noqa: E731
+      back_carry, back = one_direction(flip(x), valid, "backward")
+      carry = (carry, back_carry)
+      outputs = jnp.concatenate([outputs, flip(back)], axis=-1)
+    return carry, outputs
+
+  return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+
+
+def _flax(cell_name: str):
+  def runner(case: Case, inputs, lengths) -> Runner | None:
+    import flax.linen as nn
+    import jax
+
+    cell_class = getattr(nn, cell_name)
+    if (case.cell == "gru") != (cell_name == "GRUCell"):
+      return None
+    make = lambda: nn.RNN(cell_class(features=case.features))  # noqa: E731
+    if case.bidirectional:
+      module = nn.Bidirectional(make(), make(), return_carry=True)
+    else:
+      module = nn.RNN(cell_class(features=case.features), return_carry=True)
+
+    def call(params, x, n):
+      return module.apply(params, x, seq_lengths=n if case.masked else None)
+
+    def init(x, n):
+      return module.init(
+        jax.random.key(0), x, seq_lengths=n if case.masked else None
+      )
+
+    return _jax_runner(case, init, call, inputs, lengths)
+
+  return runner
+
+
+def haiku_dynamic_unroll(case: Case, inputs, lengths) -> Runner | None:
+  """``hk.LSTM``/``hk.GRU`` + ``hk.dynamic_unroll``: no masking support."""
+  import haiku as hk
+  import jax.numpy as jnp
+
+  if case.masked:
+    return None
+
+  def build(x, n):
+    del n
+    core = {"lstm": hk.LSTM, "gru": hk.GRU}[case.cell](case.features)
+    outputs, state = hk.dynamic_unroll(
+      core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0])
+    )
+    return state, outputs
+
+  return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+
+
+# --- PyTorch ----------------------------------------------------------------
+
+
+def _torch_step(case: Case, inputs, lengths):
+  """A closure running one PyTorch step of ``case``."""
+  import torch
+  from torch.nn.utils import rnn as torch_rnn
+
+  torch.manual_seed(0)
+  module_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[case.cell]
+  module = module_class(
+    case.inputs,
+    case.features,
+    batch_first=True,
+    bidirectional=case.bidirectional,
+  )
+  x = torch.from_numpy(inputs)
+  n = torch.from_numpy(lengths).to(torch.int64)
+
+  def forward():
+    if case.masked:
+      packed = torch_rnn.pack_padded_sequence(
+        x, n, batch_first=True, enforce_sorted=False
+      )
+      outputs, state = module(packed)
+      outputs, _ = torch_rnn.pad_packed_sequence(
+        outputs, batch_first=True, total_length=case.time
+      )
+    else:
+      outputs, state = module(x)
+    return outputs, state if isinstance(state, tuple) else (state,)
+
+  if not case.training:
+
+    def infer():
+      with torch.inference_mode():
+        return forward()
+
+    return infer
+
+  def train():
+    for parameter in module.parameters():
+      parameter.grad = None
+    outputs, state = forward()
+    loss = outputs.sum() + sum(s.sum() for s in state)
+    loss.backward()
+    return loss
+
+  return train
+
+
+def torch_module(case: Case, inputs, lengths) -> Runner | None:
+  return Runner(_torch_step(case, inputs, lengths))
+
+
+def _torch_peak_rss_growth(case: Case, seed: int) -> int | None:
+  """Peak RSS growth over three steps, in a fresh Python process."""
+  command = [
+    sys.executable,
+    "-m",
+    "benchmarks.run",
+    "--torch-memory-child",
+    case.name,
+    "--seed",
+    str(seed),
+    *(["--tiny"] if case == _tiny(CASES[case.name]) else []),
+  ]
+  try:
+    result = subprocess.run(
+      command, capture_output=True, text=True, check=True, timeout=600
+    )
+  except (subprocess.SubprocessError, OSError):
+    return None
+  return int(result.stdout.strip().splitlines()[-1])
+
+
+def _tiny(case: Case) -> Case:
+  """``case`` at smoke-test size."""
+  return dataclasses.replace(case, batch=4, time=8, inputs=8, features=16)
+
+
+def _torch_memory_child(case: Case, seed: int) -> None:
+  step = _torch_step(case, *make_data(case, seed))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  for _ in range(3):
+    step()
+  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+
+
+# --- Driver -----------------------------------------------------------------
+
+CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
+  "hk_rnn": ("hk_rnn", _hk_rnn(True)),
+  # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
+  "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
+  "flax_lstm": ("flax", _flax("LSTMCell")),
+  "flax_optimized_lstm": ("flax", _flax("OptimizedLSTMCell")),
+  "flax_gru": ("flax", _flax("GRUCell")),
+  "haiku_unroll": ("haiku", haiku_dynamic_unroll),
+  "torch": ("torch", torch_module),
+}
+LEAD = "hk_rnn"
+
+
+def _installed(package: str) -> bool:
+  import importlib.util
+
+  return importlib.util.find_spec(package) is not None
+
+
+def _time_case(case, names, rounds, iters, seed, measure_memory, log):
+  """Median seconds per step for each contender that supports ``case``.
+
+  Cases longer than 64 steps run proportionally fewer steps per block (at
+  least one), so that the long sequence does not dominate the run.
+  """
+  iters = max(1, round(iters * 64 / case.time))
+  inputs, lengths = make_data(case, seed)
+  runners = {}
+  for name in names:
+    family, build = CONTENDERS[name]
+    if family != "hk_rnn" and not _installed(family):
+      continue
+    runner = build(case, inputs, lengths)
+    if runner is None:
+      continue
+    if family == "torch" and measure_memory:
+      runner.memory_bytes = _torch_peak_rss_growth(case, seed)
+    runner.run()  # compile / first-call costs stay out of every block
+    runners[name] = runner
+  samples = {name: [] for name in runners}
+  order = list(runners)
+  for round_index in range(rounds):
+    shift = round_index % max(len(order), 1)
+    for name in order[shift:] + order[:shift]:
+      runners[name].run()  # warm-up: caches and thread pools hot again
+      start = time.perf_counter()
+      for _ in range(iters):
+        runners[name].run()
+      samples[name].append((time.perf_counter() - start) / iters)
+    log(f"  {case.name}: round {round_index + 1}/{rounds}")
+  return {
+    name: {
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "max_s": max(times),
+      "samples_s": times,
+      "memory_bytes": runners[name].memory_bytes,
+    }
+    for name, times in samples.items()
+  }
+
+
+def _format_bytes(count):
+  return "–" if count is None else f"{count / 2**20:.1f} MiB"
+
+
+def _markdown(results, cases, meta) -> str:
+  lines = [
+    "# hk_rnn benchmarks",
+    "",
+    f"- date: {meta['date']}",
+    f"- machine: {meta['machine']}",
+    f"- versions: {meta['versions']}",
+    f"- load average (1, 5, 15 min) before: {meta['load_before']}, "
+    f"after: {meta['load_after']}",
+    f"- command: `{meta['command']}`",
+    f"- rounds × iterations per block: {meta['rounds']} × {meta['iters']} "
+    "(fewer iterations for T > 64)",
+    "",
+    "Times are medians over rounds; `hk_rnn ÷ peer` below 1 means hk_rnn is "
+    "faster. Memory: XLA temporary buffers (JAX) or peak-RSS growth "
+    "(PyTorch).",
+  ]
+  for case_name, by_contender in results.items():
+    case = cases[case_name]
+    lead = by_contender.get(LEAD)
+    lines += [
+      "",
+      f"## {case.title} (`{case_name}`: B={case.batch}, T={case.time}, "
+      f"D={case.inputs}, F={case.features})",
+      "",
+      "| contender | median ms | spread ms | GFLOP/s | hk_rnn ÷ peer | memory |",
+      "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, result in sorted(
+      by_contender.items(), key=lambda item: item[1]["median_s"]
+    ):
+      median = result["median_s"]
+      ratio = "–" if lead is None else f"{lead['median_s'] / median:.2f}"
+      lines.append(
+        f"| {name} | {median * 1e3:.2f} | "
+        f"{result['min_s'] * 1e3:.1f}–{result['max_s'] * 1e3:.1f} | "
+        f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
+        f"{_format_bytes(result['memory_bytes'])} |"
+      )
+  return "\n".join(lines) + "\n"
+
+
+def _chart(results, cases, path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(
+    len(results),
+    1,
+    figsize=(7, 1.0 + 1.3 * sum(len(r) for r in results.values()) / 3),
+  )
+  axes = np.atleast_1d(axes)
+  for axis, case_name in zip(axes, results, strict=True):
+    by_contender = sorted(
+      results[case_name].items(), key=lambda item: -item[1]["median_s"]
+    )
+    names = [name for name, _ in by_contender]
+    medians = [result["median_s"] * 1e3 for _, result in by_contender]
+    colors = ["tab:red" if name == LEAD else "tab:gray" for name in names]
+    axis.barh(names, medians, color=colors)
+    axis.set_title(cases[case_name].title, fontsize=9)
+    axis.set_xlabel("median ms per step", fontsize=8)
+    axis.tick_params(labelsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def _versions() -> str:
+  import importlib.metadata
+
+  found = []
+  for package in ("jax", "jaxlib", "dm-haiku", "flax", "torch"):
+    try:
+      found.append(f"{package} {importlib.metadata.version(package)}")
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return ", ".join(found)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.run",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    epilog="Cases: "
+    + ", ".join(f"{name} ({case.title})" for name, case in CASES.items()),
+  )
+  parser.add_argument(
+    "--cases",
+    default=",".join(CASES),
+    help="comma-separated case names (default: all)",
+  )
+  parser.add_argument(
+    "--contenders",
+    default=",".join(CONTENDERS),
+    help="comma-separated contender names (default: every one installed)",
+  )
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--iters", type=int, default=3, help="steps per block")
+  parser.add_argument(
+    "--quick",
+    action="store_true",
+    help=f"cases {','.join(QUICK_CASES)}, 3 rounds of 2 steps",
+  )
+  parser.add_argument(
+    "--tiny",
+    action="store_true",
+    help="shrink every case to B=4, T=8, D=8, F=16: a smoke test of the "
+    "harness, not a measurement",
+  )
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--no-memory",
+    action="store_true",
+    help="skip PyTorch's memory subprocesses",
+  )
+  parser.add_argument("--out", default="runs/benchmarks", help="output folder")
+  parser.add_argument("--torch-memory-child", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  cases = {
+    name: _tiny(case) if args.tiny else case for name, case in CASES.items()
+  }
+  if args.torch_memory_child:
+    _torch_memory_child(cases[args.torch_memory_child], args.seed)
+    return
+  case_names = args.cases.split(",")
+  rounds, iters = args.rounds, args.iters
+  if args.quick:
+    case_names, rounds, iters = list(QUICK_CASES), 3, 2
+  contenders = args.contenders.split(",")
+  for name in case_names:
+    if name not in CASES:
+      parser.error(f"--cases: unknown case {name!r}; known: {', '.join(CASES)}")
+  for name in contenders:
+    if name not in CONTENDERS:
+      parser.error(
+        f"--contenders: unknown contender {name!r}; "
+        f"known: {', '.join(CONTENDERS)}"
+      )
+
+  log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+  load_before = tuple(round(x, 2) for x in os.getloadavg())
+  log(f"load average before: {load_before}")
+  results = {}
+  for name in case_names:
+    log(f"{name}: compiling and timing")
+    results[name] = _time_case(
+      cases[name],
+      contenders,
+      rounds,
+      iters,
+      args.seed,
+      not args.no_memory,
+      log,
+    )
+  meta = {
+    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    "machine": f"{platform.processor() or platform.machine()}, "
+    f"{os.cpu_count()} cores, {platform.system()}",
+    "versions": _versions(),
+    "load_before": load_before,
+    "load_after": tuple(round(x, 2) for x in os.getloadavg()),
+    "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
+    "rounds": rounds,
+    "iters": iters,
+  }
+  os.makedirs(args.out, exist_ok=True)
+  table = _markdown(results, cases, meta)
+  with open(os.path.join(args.out, "results.md"), "w") as file:
+    file.write(table)
+  with open(os.path.join(args.out, "results.json"), "w") as file:
+    json.dump({"meta": meta, "results": results}, file, indent=1)
+  _chart(results, cases, os.path.join(args.out, "chart.png"))
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
