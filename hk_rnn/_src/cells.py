@@ -275,6 +275,14 @@ def _masked(h: Array, recurrent_mask: Array | None) -> Array:
   return h if recurrent_mask is None else h * recurrent_mask
 
 
+def _lstm_update(cell: _GatedCell, z: Array, c: Array):
+  """The LSTM's gates from pre-activations ``z = [z_i, z_f, z_g, z_o]``."""
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  new_c = cell.gate_fn(f) * c + cell.gate_fn(i) * cell.activation_fn(g)
+  new_h = cell.gate_fn(o) * cell.activation_fn(new_c)
+  return (new_c, new_h), new_h
+
+
 class LSTMCell(_GatedCell):
   r"""Long short-term memory cell (Hochreiter & Schmidhuber, 1997).
 
@@ -331,10 +339,7 @@ class LSTMCell(_GatedCell):
     w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
     b = self._parameter("b", (4 * self.features,), self.b_init).astype(dtype)
     z = inputs.astype(dtype) @ w_i + _masked(h, recurrent_mask) @ w_h + b
-    i, f, g, o = jnp.split(z, 4, axis=-1)
-    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
-    new_h = self.gate_fn(o) * self.activation_fn(new_c)
-    return (new_c, new_h), new_h
+    return _lstm_update(self, z, c)
 
   def _fused_sequence(
     self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
@@ -581,7 +586,4 @@ class ConvLSTMCell(_GatedCell):
       + self._conv(_masked(h, recurrent_mask), w_h)
       + b
     )
-    i, f, g, o = jnp.split(z, 4, axis=-1)
-    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
-    new_h = self.gate_fn(o) * self.activation_fn(new_c)
-    return (new_c, new_h), new_h
+    return _lstm_update(self, z, c)
