@@ -196,6 +196,23 @@ class _GatedCell(RNNCellBase):
       "unroll": unroll,
     }
 
+  def _projections_with_two_biases(self, inputs, h, recurrent_mask, b_i_init):
+    """``x W_i + b_i`` and ``h_in W_h + b_h``, each split into gate blocks.
+
+    For the cells that keep the recurrent term apart (GRU, MGU), because a
+    gate multiplies it before it joins the input term.
+    """
+    w_i, w_h = self._dense_weights(inputs.shape[-1], h.dtype)
+    width = self._num_blocks * self.features
+    b_i = self._parameter("b_i", (width,), b_i_init).astype(h.dtype)
+    b_h = self._parameter("b_h", (width,), self.b_init).astype(h.dtype)
+    from_inputs = inputs.astype(h.dtype) @ w_i + b_i
+    from_hidden = _masked(h, recurrent_mask) @ w_h + b_h
+    return (
+      jnp.split(from_inputs, self._num_blocks, axis=-1),
+      jnp.split(from_hidden, self._num_blocks, axis=-1),
+    )
+
   def initialize_carry(
     self, sample_inputs: Array, rng: jax.Array | None = None
   ) -> Carry:
@@ -258,6 +275,14 @@ def _masked(h: Array, recurrent_mask: Array | None) -> Array:
   return h if recurrent_mask is None else h * recurrent_mask
 
 
+def _lstm_update(cell: _GatedCell, z: Array, c: Array):
+  """The LSTM's gates from pre-activations ``z = [z_i, z_f, z_g, z_o]``."""
+  i, f, g, o = jnp.split(z, 4, axis=-1)
+  new_c = cell.gate_fn(f) * c + cell.gate_fn(i) * cell.activation_fn(g)
+  new_h = cell.gate_fn(o) * cell.activation_fn(new_c)
+  return (new_c, new_h), new_h
+
+
 class LSTMCell(_GatedCell):
   r"""Long short-term memory cell (Hochreiter & Schmidhuber, 1997).
 
@@ -314,10 +339,7 @@ class LSTMCell(_GatedCell):
     w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
     b = self._parameter("b", (4 * self.features,), self.b_init).astype(dtype)
     z = inputs.astype(dtype) @ w_i + _masked(h, recurrent_mask) @ w_h + b
-    i, f, g, o = jnp.split(z, 4, axis=-1)
-    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
-    new_h = self.gate_fn(o) * self.activation_fn(new_c)
-    return (new_c, new_h), new_h
+    return _lstm_update(self, z, c)
 
   def _fused_sequence(
     self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
@@ -365,15 +387,9 @@ class GRUCell(_GatedCell):
     self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
   ) -> tuple[Array, Array]:
     """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
-    dtype = self._compute_dtype(inputs.dtype)
-    h = carry.astype(dtype)
-    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
-    width = 3 * self.features
-    b_i = self._parameter("b_i", (width,), self.b_init).astype(dtype)
-    b_h = self._parameter("b_h", (width,), self.b_init).astype(dtype)
-    x_r, x_z, x_n = jnp.split(inputs.astype(dtype) @ w_i + b_i, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(
-      _masked(h, recurrent_mask) @ w_h + b_h, 3, axis=-1
+    h = carry.astype(self._compute_dtype(inputs.dtype))
+    (x_r, x_z, x_n), (h_r, h_z, h_n) = self._projections_with_two_biases(
+      inputs, h, recurrent_mask, self.b_init
     )
     r = self.gate_fn(x_r + h_r)
     z = self.gate_fn(x_z + h_z)
@@ -474,14 +490,10 @@ class MGUCell(_GatedCell):
     self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
   ) -> tuple[Array, Array]:
     """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
-    dtype = self._compute_dtype(inputs.dtype)
-    h = carry.astype(dtype)
-    w_i, w_h = self._dense_weights(inputs.shape[-1], dtype)
-    width = 2 * self.features
-    b_i = self._parameter("b_i", (width,), self.b_i_init).astype(dtype)
-    b_h = self._parameter("b_h", (width,), self.b_init).astype(dtype)
-    x_f, x_n = jnp.split(inputs.astype(dtype) @ w_i + b_i, 2, axis=-1)
-    h_f, h_n = jnp.split(_masked(h, recurrent_mask) @ w_h + b_h, 2, axis=-1)
+    h = carry.astype(self._compute_dtype(inputs.dtype))
+    (x_f, x_n), (h_f, h_n) = self._projections_with_two_biases(
+      inputs, h, recurrent_mask, self.b_i_init
+    )
     f = self.gate_fn(x_f + h_f)
     n = self.activation_fn(x_n + f * h_n)
     new_h = (1.0 - f) * n + f * h
@@ -574,7 +586,4 @@ class ConvLSTMCell(_GatedCell):
       + self._conv(_masked(h, recurrent_mask), w_h)
       + b
     )
-    i, f, g, o = jnp.split(z, 4, axis=-1)
-    new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
-    new_h = self.gate_fn(o) * self.activation_fn(new_c)
-    return (new_c, new_h), new_h
+    return _lstm_update(self, z, c)

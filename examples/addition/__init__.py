@@ -1,0 +1,1 @@
+"""The addition example trainer; see train.py."""

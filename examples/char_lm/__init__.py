@@ -1,0 +1,1 @@
+"""The char_lm example trainer; see train.py."""

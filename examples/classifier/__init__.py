@@ -1,0 +1,1 @@
+"""The classifier example trainer; see train.py."""

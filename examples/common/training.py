@@ -1,0 +1,354 @@
+"""The flags, optimiser, train step and loop that every trainer shares.
+
+A trainer supplies a loss function, a pure `batch_fn(step)` and an
+`evaluate(state)`; `train` does the rest: the output folder, `--resume`,
+checkpoints, the progress bar, the metrics file and the plot. Keeping that in
+one place is what keeps each `train.py` about its model and data alone.
+
+The training state is a dict pytree:
+  params, opt_state: replicated on every device;
+  step: int32 scalar, the number of updates applied so far;
+  carry: whatever the loss threads from one step to the next (the char-LM's
+    LSTM carry between windows, batch-sharded), `()` when nothing.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import optax
+import tqdm
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+
+from examples.common import checkpoint, metrics, parallel
+
+FLAGS = flags.FLAGS
+
+# Flags that may change between a run and its `--resume`: they say how long to
+# run and what to record, not what is computed.
+_RESUMABLE_FLAGS = frozenset(
+  {
+    "num_steps",
+    "resume",
+    "output_dir",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+  }
+)
+
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], Any]
+
+
+def define_flags(
+  *,
+  output_dir: str,
+  num_steps: int,
+  batch_size: int,
+  learning_rate: float,
+  eval_every: int,
+  checkpoint_every: int | None = None,
+) -> None:
+  """Defines the flags every trainer has, with that trainer's defaults."""
+  flags.DEFINE_string(
+    "output_dir",
+    output_dir,
+    "Folder for this run: checkpoints/, metrics.jsonl, curves.png. A run "
+    "without --resume starts afresh and clears what an earlier run left.",
+  )
+  flags.DEFINE_integer(
+    "num_steps", num_steps, "Total optimiser steps.", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    batch_size,
+    "Global batch size (rows), split over all devices; must be divisible by "
+    "the number of devices.",
+    lower_bound=1,
+  )
+  flags.DEFINE_float("learning_rate", learning_rate, "Adam learning rate.")
+  flags.DEFINE_float(
+    "max_grad_norm",
+    1.0,
+    "Clip gradients to this global norm; 0 disables.",
+    lower_bound=0.0,
+  )
+  flags.DEFINE_integer("seed", 0, "Seeds parameters, data and dropout.")
+  flags.DEFINE_integer(
+    "eval_every", eval_every, "Evaluate every N steps.", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "checkpoint_every",
+    checkpoint_every or eval_every,
+    "Save a checkpoint every N steps (and always at the last step).",
+    lower_bound=1,
+  )
+  flags.DEFINE_integer(
+    "log_every",
+    10,
+    "Read the losses back from the devices every N steps; each read waits "
+    "for the devices, so reading every step slows small models down.",
+    lower_bound=1,
+  )
+  flags.DEFINE_bool(
+    "resume",
+    False,
+    "Continue from the newest checkpoint in --output_dir, exactly where it "
+    "stopped; starts afresh (with a warning) when there is none.",
+  )
+
+
+def user_path(path: str) -> str:
+  """`path` as the user meant it, also under `bazel run`.
+
+  `bazel run` starts the binary in its runfiles folder and says where the
+  user was in BUILD_WORKING_DIRECTORY; relative paths are taken from there.
+  """
+  base = os.environ.get("BUILD_WORKING_DIRECTORY", "")
+  return os.path.join(base, os.path.expanduser(path))
+
+
+def check_positive(**values: int | float) -> None:
+  """Ends the run with a usage message for any flag that is not > 0."""
+  for name, value in values.items():
+    if value <= 0:
+      raise app.UsageError(f"--{name} must be positive, got {value}.")
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """Adam, after clipping by global norm when `--max_grad_norm` > 0."""
+  check_positive(learning_rate=FLAGS.learning_rate)
+  adam = optax.adam(FLAGS.learning_rate)
+  if FLAGS.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(FLAGS.max_grad_norm), adam)
+  return adam
+
+
+def init_state(
+  params: Any,
+  optimizer: optax.GradientTransformation,
+  data_parallel: parallel.DataParallel,
+  carry: Any = (),
+) -> dict:
+  """The step-0 training state, placed on the devices.
+
+  Args:
+    params: freshly initialised parameters (replicated).
+    optimizer: the optax optimiser (its state is replicated).
+    data_parallel: the device mesh.
+    carry: per-row state threaded between steps, batch-sharded.
+  """
+  return {
+    "params": data_parallel.replicate(params),
+    "opt_state": data_parallel.replicate(optimizer.init(params)),
+    "step": data_parallel.replicate(jax.numpy.zeros((), "int32")),
+    "carry": data_parallel.shard(carry),
+  }
+
+
+def make_train_step(
+  loss_fn: LossFn, optimizer: optax.GradientTransformation
+) -> Callable[[dict, Mapping[str, jax.Array]], tuple[dict, dict]]:
+  """One optimiser step around `loss_fn`.
+
+  Args:
+    loss_fn: `loss_fn(params, carry, batch, rng) -> (loss, (carry, metrics))`,
+      the mean loss over the global batch, the carry for the next step and a
+      dict of scalar metrics to log beside the loss.
+    optimizer: the optax optimiser.
+
+  Returns:
+    `step(state, batch) -> (state, metrics)`, to be jitted by `train`.
+  """
+  base_rng = jax.random.PRNGKey(FLAGS.seed)
+
+  def step(state, batch):
+    # A key per step, derived from the step itself, makes dropout identical
+    # whether the run was resumed or not.
+    rng = jax.random.fold_in(base_rng, state["step"])
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (carry, step_metrics)), grads = grad_fn(
+      state["params"], state["carry"], batch, rng
+    )
+    updates, opt_state = optimizer.update(
+      grads, state["opt_state"], state["params"]
+    )
+    new_state = {
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+      "carry": carry,
+    }
+    return new_state, {"loss": loss, **step_metrics}
+
+  return step
+
+
+@dataclasses.dataclass
+class Result:
+  """What `train` hands back to the trainer for its closing report."""
+
+  state: dict
+  step_fn: Callable[[dict, Any], tuple[dict, dict]]
+  final_eval: dict[str, float]
+  train_seconds: float
+  output_dir: str
+
+
+def _run_config() -> dict:
+  """The flag values that a resumed run must share with the original."""
+  return {
+    name: value
+    for module, module_flags in FLAGS.flags_by_module_dict().items()
+    # absl files the running script's flags under its path, sys.argv[0].
+    if module.startswith("examples") or module == sys.argv[0]
+    for name, value in ((f.name, f.value) for f in module_flags)
+    if name not in _RESUMABLE_FLAGS
+  }
+
+
+def _prepare_output_dir(output_dir: str, resume: bool) -> None:
+  """Creates the run folder; checks or records the run's configuration."""
+  os.makedirs(output_dir, exist_ok=True)
+  config_path = os.path.join(output_dir, "config.json")
+  config = _run_config()
+  if resume and os.path.exists(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      saved = json.load(f)
+    changed = sorted(k for k in config if saved.get(k) != config[k])
+    if changed:
+      raise app.UsageError(
+        "--resume continues a run with the same settings, but these flags "
+        "differ from the checkpointed run: "
+        + ", ".join(
+          f"--{k}={config[k]!r} (was {saved.get(k)!r})" for k in changed
+        )
+      )
+  if not resume:
+    stale = os.path.join(output_dir, "checkpoints")
+    if os.path.exists(stale):
+      logging.warning("Fresh run: removing the old checkpoints in %s.", stale)
+      shutil.rmtree(stale)
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+
+
+def train(
+  *,
+  name: str,
+  state: dict,
+  train_step: Callable[[dict, Any], tuple[dict, dict]],
+  batch_fn: Callable[[int], Any],
+  evaluate: Callable[[dict], Mapping[str, float]],
+  reference_lines: Mapping[str, tuple[float, str]] | None = None,
+) -> Result:
+  """Runs (or resumes) training to `--num_steps` and plots its curves.
+
+  Args:
+    name: the trainer's name, for the progress bar and the plot's title.
+    state: the initial state from `init_state`.
+    train_step: from `make_train_step`; jitted here.
+    batch_fn: `batch_fn(step)` -> the device-placed batch for that step, a
+      pure function of the step so that a resumed run sees the same data.
+    evaluate: `evaluate(state)` -> held-out metrics as Python floats.
+    reference_lines: passed to `metrics.plot_curves`.
+
+  Returns:
+    The final state, the jitted train step, the last evaluation, the training
+    wall time (seconds, without evaluation) and the run folder.
+  """
+  output_dir = user_path(FLAGS.output_dir)
+  num_steps = FLAGS.num_steps
+  main = parallel.is_main_process()
+  if main:
+    _prepare_output_dir(output_dir, FLAGS.resume)
+  # No process may open the checkpoints before process 0 has cleared them.
+  multihost_utils.sync_global_devices("hk_rnn examples: output_dir ready")
+  checkpointer = checkpoint.Checkpointer(
+    os.path.join(output_dir, "checkpoints")
+  )
+  start = 0
+  if FLAGS.resume:
+    if checkpointer.latest_step() is None:
+      logging.warning(
+        "--resume: no checkpoint in %s; starting afresh.", output_dir
+      )
+    else:
+      state = checkpointer.restore_latest(state)
+      start = int(state["step"])
+      logging.info("Resumed from step %d.", start)
+  metrics_path = os.path.join(output_dir, "metrics.jsonl")
+  writer = (
+    metrics.MetricsWriter(metrics_path, start if FLAGS.resume else None)
+    if main
+    else None
+  )
+
+  def record(step, split, values):
+    if writer:
+      writer.write(step, split, values)
+
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = jax.jit(train_step, out_shardings=(shardings, None))
+  final_eval = {}
+  if start == 0:
+    final_eval = dict(evaluate(state))
+    record(0, "eval", final_eval)
+
+  pending = []  # per-step metrics still on the devices
+  train_seconds = 0.0
+  bar = tqdm.tqdm(
+    total=num_steps, initial=start, desc=name, unit="step", disable=not main
+  )
+  tick = time.perf_counter()
+  for step in range(start, num_steps):
+    state, step_metrics = step_fn(state, batch_fn(step))
+    pending.append(step_metrics)
+    done = step + 1
+    is_last = done == num_steps
+    do_eval = done % FLAGS.eval_every == 0 or is_last
+    do_save = done % FLAGS.checkpoint_every == 0 or is_last
+    if done % FLAGS.log_every == 0 or do_eval or do_save:
+      for i, values in enumerate(jax.device_get(pending)):
+        record(done - len(pending) + 1 + i, "train", values)
+      bar.set_postfix(loss=f"{float(values['loss']):.4f}")
+      bar.update(len(pending))
+      pending = []
+    if do_eval or do_save:
+      # Evaluation and checkpoint writes are not training time.
+      train_seconds += time.perf_counter() - tick
+      if do_eval:
+        final_eval = dict(evaluate(state))
+        record(done, "eval", final_eval)
+        logging.info(
+          "step %d: %s",
+          done,
+          ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()),
+        )
+      if do_save:
+        checkpointer.save(done, state)
+      tick = time.perf_counter()
+  bar.close()
+  if start < num_steps:
+    train_seconds += time.perf_counter() - tick
+  else:
+    final_eval = dict(evaluate(state))
+  checkpointer.close()
+  if writer:
+    writer.close()
+    png = os.path.join(output_dir, "curves.png")
+    metrics.plot_curves(
+      metrics.read_records(metrics_path), png, name, reference_lines
+    )
+    logging.info("Wrote %s and %s.", metrics_path, png)
+  return Result(state, step_fn, final_eval, train_seconds, output_dir)
