@@ -15,8 +15,8 @@ GFLOP/s counts the matrix products of a dense run of all ``T`` steps
 (``2·B·T·(D+F)·G·F`` per direction forward, three times that for a training
 step), also for masked cases, where some contenders skip padded steps.
 Memory is XLA's compiled temporary buffer size for JAX contenders and, for
-PyTorch, the growth of the peak resident set size over a few steps, measured
-in a fresh subprocess (``resource.getrusage``). The two are not the same
+PyTorch, the peak resident set size during three steps above its level
+before them, sampled in a fresh subprocess. The two are not the same
 quantity: compare within a family.
 
 Quick run (under two minutes on two cores)::
@@ -343,7 +343,7 @@ def torch_module(case: Case, inputs, lengths) -> Runner | None:
 
 
 def _torch_peak_rss_growth(case: Case, seed: int) -> int | None:
-  """Peak RSS growth over three steps, in a fresh Python process."""
+  """Peak RSS above the baseline over three steps, in a fresh process."""
   command = [
     sys.executable,
     "-m",
@@ -368,13 +368,38 @@ def _tiny(case: Case) -> Case:
   return dataclasses.replace(case, batch=4, time=8, inputs=8, features=16)
 
 
+def _resident_bytes() -> int:
+  """This process's current resident set size (Linux ``/proc``)."""
+  with open("/proc/self/statm") as file:
+    return int(file.read().split()[1]) * resource.getpagesize()
+
+
 def _torch_memory_child(case: Case, seed: int) -> None:
+  """Prints the peak RSS above the pre-step baseline over three steps.
+
+  ``ru_maxrss`` alone would also count transient peaks of importing torch
+  and building the model, which can exceed a step's; a thread samples the
+  current RSS instead, every 0.2 ms, while the steps run.
+  """
+  import threading
+
   step = _torch_step(case, *make_data(case, seed))
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  step()  # first-call allocations (caches, thread pools) are not per step
+  baseline = _resident_bytes()
+  peak, running = [baseline], [True]
+
+  def sample():
+    while running[0]:
+      peak[0] = max(peak[0], _resident_bytes())
+      time.sleep(0.0002)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
   for _ in range(3):
     step()
-  after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+  running[0] = False
+  sampler.join()
+  print(peak[0] - baseline)
 
 
 # --- Driver -----------------------------------------------------------------
@@ -459,7 +484,7 @@ def _markdown(results, cases, meta) -> str:
     "(fewer iterations for T > 64)",
     "",
     "Times are medians over rounds; `hk_rnn ÷ peer` below 1 means hk_rnn is "
-    "faster. Memory: XLA temporary buffers (JAX) or peak-RSS growth "
+    "faster. Memory: XLA temporary buffers (JAX) or peak RSS above baseline "
     "(PyTorch).",
   ]
   for case_name, by_contender in results.items():
