@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -45,6 +44,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from benchmarks import timing
 
 # Fewer threads than cores makes every contender slower in the same way;
 # leave each library's default (one thread per core).
@@ -156,8 +157,7 @@ def _jax_runner(case, init, apply, inputs, lengths) -> Runner:
       return apply(params, inputs, lengths)
 
   compiled = jax.jit(step).lower(params, inputs, lengths).compile()
-  memory = compiled.memory_analysis()
-  memory_bytes = None if memory is None else int(memory.temp_size_in_bytes)
+  memory_bytes = timing.compiled_temp_bytes(compiled)
   return Runner(
     lambda: jax.block_until_ready(compiled(params, inputs, lengths)),
     memory_bytes,
@@ -443,31 +443,15 @@ def _time_case(case, names, rounds, iters, seed, measure_memory, log):
       runner.memory_bytes = _torch_peak_rss_growth(case, seed)
     runner.run()  # compile / first-call costs stay out of every block
     runners[name] = runner
-  samples = {name: [] for name in runners}
-  order = list(runners)
-  for round_index in range(rounds):
-    shift = round_index % max(len(order), 1)
-    for name in order[shift:] + order[:shift]:
-      runners[name].run()  # warm-up: caches and thread pools hot again
-      start = time.perf_counter()
-      for _ in range(iters):
-        runners[name].run()
-      samples[name].append((time.perf_counter() - start) / iters)
-    log(f"  {case.name}: round {round_index + 1}/{rounds}")
-  return {
-    name: {
-      "median_s": statistics.median(times),
-      "min_s": min(times),
-      "max_s": max(times),
-      "samples_s": times,
-      "memory_bytes": runners[name].memory_bytes,
-    }
-    for name, times in samples.items()
-  }
-
-
-def _format_bytes(count):
-  return "–" if count is None else f"{count / 2**20:.1f} MiB"
+  results = timing.time_interleaved(
+    {name: runner.run for name, runner in runners.items()},
+    rounds=rounds,
+    iters=iters,
+    log=lambda message: log(f"  {case.name}:{message}"),
+  )
+  for name, result in results.items():
+    result["memory_bytes"] = runners[name].memory_bytes
+  return results
 
 
 def _markdown(results, cases, meta) -> str:
@@ -507,7 +491,7 @@ def _markdown(results, cases, meta) -> str:
         f"| {name} | {median * 1e3:.2f} | "
         f"{result['min_s'] * 1e3:.1f}–{result['max_s'] * 1e3:.1f} | "
         f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
-        f"{_format_bytes(result['memory_bytes'])} |"
+        f"{timing.format_bytes(result['memory_bytes'])} |"
       )
   return "\n".join(lines) + "\n"
 
