@@ -454,6 +454,34 @@ class RNNRematTest(parameterized.TestCase):
 
     test_utils.tree_allclose(self, run(rematted), run(plain), atol=1e-6)
 
+  @parameterized.parameters(("lstm", False), ("gru", True))
+  def test_chunked_runs_unpacked_chunks_in_the_fused_kernel(
+    self, kind, reverse
+  ):
+    from unittest import mock
+
+    from hk_rnn._src import fused
+
+    kernel = {"lstm": "lstm_sequence", "gru": "gru_sequence"}[kind]
+    inputs, lengths = _inputs(), jnp.asarray(LENGTHS)
+    plain = test_utils.transform(_rnn_fn(kind, reverse=reverse, fused=False))
+    chunked = test_utils.transform(
+      _rnn_fn(kind, reverse=reverse, remat="chunked")
+    )
+    params = plain.init(jax.random.PRNGKey(0), inputs, seq_lengths=lengths)
+
+    def run(model):
+      def loss(params, inputs):
+        return _loss(*model.apply(params, inputs, seq_lengths=lengths))
+
+      values = model.apply(params, inputs, seq_lengths=lengths)
+      return values, jax.grad(loss, argnums=(0, 1))(params, inputs)
+
+    with mock.patch.object(fused, kernel, wraps=getattr(fused, kernel)) as spy:
+      got = run(chunked)
+    self.assertTrue(spy.called)
+    test_utils.tree_allclose(self, got, run(plain), atol=1e-5)
+
   def test_chunked_without_mask_and_odd_length(self):
     inputs = _inputs(shape=(2, 7, INPUTS))
     params, expected = test_utils.init_and_apply(

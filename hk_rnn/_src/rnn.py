@@ -102,6 +102,7 @@ def scan_cell(
       recurrent_mask,
       unroll,
       remat,
+      fused,
     )
   final_carry, outputs = result
   if reverse and keep_order:
@@ -119,8 +120,13 @@ def _step_scan(
   recurrent_mask,
   unroll,
   remat,
+  fused,
 ):
-  """The generic path: ``hk.scan`` over the cell's own step."""
+  """The generic path: ``hk.scan`` over the cell's own step.
+
+  With ``remat="chunked"``, chunks of unpacked rows run in the cell's fused
+  kernel when ``fused`` and the cell has one.
+  """
 
   def step(carry, step_inputs):
     x, is_valid, is_reset = step_inputs
@@ -161,6 +167,16 @@ def _step_scan(
 
   @hk.remat
   def run_chunk(carry, chunk_inputs):
+    # Without packed rows a chunk is a plain sequence starting from `carry`,
+    # which the cell's fused kernel can run (its resets would go to `carry`).
+    if fused and reset is None:
+      x, chunk_valid, _ = chunk_inputs
+      mask = recurrent_mask() if callable(recurrent_mask) else recurrent_mask
+      result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
+        x, carry, chunk_valid, None, mask, unroll
+      )
+      if result is not None:
+        return result
     return hk.scan(step, carry, chunk_inputs, unroll=unroll)
 
   final_carry, outputs = hk.scan(
@@ -259,9 +275,10 @@ class RNN(hk.Module):
       unroll: scan steps unrolled per loop iteration (``lax.scan``'s).
       fused: use the cell's whole-sequence kernel where it has one.
       remat: trade compute for memory in training: ``"step"`` recomputes
-        each step's activations in the backward pass, ``"chunked"`` keeps
-        only the carry every ~sqrt(time) steps and recomputes a chunk at a
-        time. Both run the cell step by step (no fused kernel).
+        each step's activations in the backward pass (stepping the cell),
+        ``"chunked"`` keeps only the carry every ~sqrt(time) steps and
+        recomputes a chunk at a time (in the fused kernel where the cell has
+        one and rows are not packed).
       dropout_sampling: how the recurrent dropout mask reaches each step:
         ``"once"`` samples it before the scan and closes over it,
         ``"per_step"`` regenerates the same mask inside every step from a
