@@ -87,9 +87,8 @@ def scan_cell(
   if (
     fused and remat is None and (reset is None or reset_carry is initial_carry)
   ):
-    mask = recurrent_mask() if callable(recurrent_mask) else recurrent_mask
-    result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-      inputs, initial_carry, valid, reset, mask, unroll
+    result = _run_kernel(
+      cell, inputs, initial_carry, valid, reset, recurrent_mask, unroll
     )
   if result is None:
     result = _step_scan(
@@ -108,6 +107,18 @@ def scan_cell(
   if reverse and keep_order:
     outputs = sequences.flip_tree(outputs, ids, axis=0)
   return final_carry, outputs
+
+
+def _resolve_mask(recurrent_mask):
+  """The mask itself, or the one its sampling function draws."""
+  return recurrent_mask() if callable(recurrent_mask) else recurrent_mask
+
+
+def _run_kernel(cell, inputs, carry, valid, reset, recurrent_mask, unroll):
+  """The cell's fused kernel over ``inputs``, or ``None`` where it has none."""
+  return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
+    inputs, carry, valid, reset, _resolve_mask(recurrent_mask), unroll
+  )
 
 
 def _step_scan(
@@ -134,9 +145,7 @@ def _step_scan(
       carry = _select_rows(is_reset, reset_carry, carry)
     options = {}
     if recurrent_mask is not None:
-      options["recurrent_mask"] = (
-        recurrent_mask() if callable(recurrent_mask) else recurrent_mask
-      )
+      options["recurrent_mask"] = _resolve_mask(recurrent_mask)
     new_carry, outputs = cell(carry, x, **options)
     if is_valid is not None:
       new_carry = _select_rows(is_valid, new_carry, carry)
@@ -171,9 +180,8 @@ def _step_scan(
     # which the cell's fused kernel can run (its resets would go to `carry`).
     if fused and reset is None:
       x, chunk_valid, _ = chunk_inputs
-      mask = recurrent_mask() if callable(recurrent_mask) else recurrent_mask
-      result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-        x, carry, chunk_valid, None, mask, unroll
+      result = _run_kernel(
+        cell, x, carry, chunk_valid, None, recurrent_mask, unroll
       )
       if result is not None:
         return result
