@@ -3,8 +3,15 @@
 import setuptools
 
 EXTRAS = {
-  # Oracles the tests compare against (skipped when absent) and the linter.
-  "test": ["pytest>=7", "torch>=2.0", "flax>=0.8", "ruff>=0.5"],
+  # The runner (spread over every core with ``-n auto``), oracles the tests
+  # compare against (skipped when absent) and the linter.
+  "test": [
+    "pytest>=7",
+    "pytest-xdist>=3",
+    "torch>=2.0",
+    "flax>=0.8",
+    "ruff>=0.5",
+  ],
   # The example trainers.
   "examples": [
     "optax>=0.1.7",

@@ -176,13 +176,21 @@ def _haiku_model(build):
   )
 
 
-def _hk_rnn(use_fused: bool):
+def _hk_rnn(use_fused: bool, masked: bool = True):
+  """hk_rnn through its public API, fused kernels on or off.
+
+  With ``masked=False`` the contender exists only for masked cases and runs
+  the same model without the lengths: the cost of masking, timed in the
+  same rounds.
+  """
+
   def runner(case: Case, inputs, lengths) -> Runner | None:
-    """hk_rnn through its public API, fused kernels on or off."""
     import hk_rnn
 
-    if not hasattr(hk_rnn, "RNN"):
-      return _hk_rnn_kernels(case, inputs, lengths) if use_fused else None
+    if not masked:
+      if not case.masked:
+        return None
+      case = dataclasses.replace(case, masked=False)
     cell_class = {"lstm": hk_rnn.LSTMCell, "gru": hk_rnn.GRUCell}[case.cell]
 
     def build(x, n):
@@ -197,48 +205,6 @@ def _hk_rnn(use_fused: bool):
     return _jax_runner(case, *_haiku_model(build), inputs, lengths)
 
   return runner
-
-
-def _hk_rnn_kernels(case: Case, inputs, lengths) -> Runner | None:
-  """The fused kernels called directly (before ``hk_rnn.RNN`` existed)."""
-  import haiku as hk
-  import jax.numpy as jnp
-
-  from hk_rnn._src import fused
-
-  width = case.blocks * case.features
-
-  def one_direction(x, valid, name):
-    with hk.name_scope(name):
-      w_i = hk.get_parameter(
-        "w_i", (case.inputs, width), init=hk.initializers.VarianceScaling()
-      )
-      w_h = hk.get_parameter(
-        "w_h", (case.features, width), init=hk.initializers.Orthogonal()
-      )
-      zeros = jnp.zeros((x.shape[1], case.features), x.dtype)
-      if case.cell == "lstm":
-        b = hk.get_parameter("b", (width,), init=jnp.zeros)
-        return fused.lstm_sequence(x, w_i, w_h, b, (zeros, zeros), valid=valid)
-      b_i = hk.get_parameter("b_i", (width,), init=jnp.zeros)
-      b_h = hk.get_parameter("b_h", (width,), init=jnp.zeros)
-      return fused.gru_sequence(x, w_i, w_h, b_i, b_h, zeros, valid=valid)
-
-  def build(x, n):
-    x = jnp.swapaxes(x, 0, 1)
-    steps = jnp.arange(case.time)[:, None]
-    valid = (steps < n[None, :]) if case.masked else None
-    carry, outputs = one_direction(x, valid, "forward")
-    if case.bidirectional:
-      # Reverse each row's valid prefix in place (padding stays at the end).
-      index = jnp.where(steps < n, n - 1 - steps, steps)
-      flip = lambda a: jnp.take_along_axis(a, index[..., None], axis=0)  # noqa: E731
-      back_carry, back = one_direction(flip(x), valid, "backward")
-      carry = (carry, back_carry)
-      outputs = jnp.concatenate([outputs, flip(back)], axis=-1)
-    return carry, outputs
-
-  return _jax_runner(case, *_haiku_model(build), inputs, lengths)
 
 
 def _flax(cell_name: str):
@@ -408,6 +374,8 @@ CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
   "hk_rnn": ("hk_rnn", _hk_rnn(True)),
   # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
   "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
+  # Masked cases only: the same model given no lengths.
+  "hk_rnn_unmasked": ("hk_rnn", _hk_rnn(True, masked=False)),
   "flax_lstm": ("flax", _flax("LSTMCell")),
   "flax_optimized_lstm": ("flax", _flax("OptimizedLSTMCell")),
   "flax_gru": ("flax", _flax("GRUCell")),
@@ -493,6 +461,14 @@ def _markdown(results, cases, meta) -> str:
         f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
         f"{timing.format_bytes(result['memory_bytes'])} |"
       )
+    unmasked = by_contender.get("hk_rnn_unmasked")
+    if lead is not None and unmasked is not None:
+      cost = lead["median_s"] / unmasked["median_s"] - 1
+      lines += [
+        "",
+        f"Masking costs hk_rnn {cost:+.0%} over the same step without "
+        "lengths (`hk_rnn ÷ hk_rnn_unmasked`, timed in the same rounds).",
+      ]
   return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
         [
           "--tiny",
           "--cases=masked_bilstm",
-          "--contenders=hk_rnn,hk_rnn_step,flax_lstm",
+          "--contenders=hk_rnn,hk_rnn_step,hk_rnn_unmasked,flax_lstm",
           "--rounds=1",
           "--iters=1",
           "--no-memory",
@@ -24,10 +24,16 @@ class BenchmarkHarnessTest(absltest.TestCase):
       )
       with open(os.path.join(out, "results.md")) as file:
         table = file.read()
-      for name in ("hk_rnn", "hk_rnn_step", "flax_lstm"):
+      for name in ("hk_rnn", "hk_rnn_step", "hk_rnn_unmasked", "flax_lstm"):
         self.assertIn(f"| {name} |", table)
+      self.assertIn("Masking costs hk_rnn", table)
       for name in ("results.json", "chart.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)))
+
+  def test_unmasked_contender_runs_only_in_masked_cases(self):
+    case = run._tiny(run.CASES["lstm"])
+    build = run.CONTENDERS["hk_rnn_unmasked"][1]
+    self.assertIsNone(build(case, *run.make_data(case)))
 
   def test_unknown_case_is_an_error_naming_the_flag(self):
     with self.assertRaises(SystemExit):
