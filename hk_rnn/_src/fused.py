@@ -12,10 +12,7 @@ cuDNN and oneDNN use:
   and emits the gate pre-activation cotangents ``dZ_t``; the parameter
   cotangents are then single large GEMMs over all steps:
   ``dW_i = Xᵀ dZ``, ``dW_h = Σ_t h_in,tᵀ dZ_t``, ``db = Σ_t dZ_t`` and
-  ``dX = dZ W_iᵀ``. Where ``W_i`` and ``W_h`` share ``dZ`` (LSTM, simple
-  cell), the forward scan writes each ``h_in,t`` next to ``x_t`` and both
-  weight gradients come from one GEMM, ``[X, H_in]ᵀ dZ`` (3 % faster LSTM
-  training steps than two GEMMs, measured B=32, T=64, D=128, F=256).
+  ``dX = dZ W_iᵀ``.
 
 Autodiff of a scan instead accumulates ``dW_h`` and ``dW_i`` with a small GEMM
 per step and stores every intermediate of the step.
@@ -260,18 +257,15 @@ def _forward_scan(
   valid,
   reset,
   mask,
-  operands=None,
+  save,
 ):
   """Runs the recurrence over the projected inputs (see the module doc).
 
-  To save residuals for the backward pass, pass ``operands``: the zeroed
-  inputs with room after them for ``h_in``, ``(T, B, D + F)``. Each step then
-  writes its ``h_in`` there, and its first residual (shaped like its ``gx``)
-  overwrites ``gx`` in the ``projected`` buffer. Both buffers are carried by
-  the scan, which XLA updates in place: the residuals need no second
-  ``(T, B, G*F)`` array, and ``[X, H_in]`` is ready for one weight-gradient
-  GEMM. Returns ``(final_state, outputs)``, or when saving
-  ``(final_state, (outputs, residuals, operands))``.
+  With ``save``, each step's first residual (shaped like its ``gx``)
+  overwrites ``gx`` in the ``projected`` buffer, which the scan carries:
+  XLA updates a carried buffer in place, so the residuals need no second
+  ``(T, B, G*F)`` array. Returns ``(final_state, outputs)``, or with
+  ``save`` ``(final_state, (outputs, residuals, h_in))``.
   """
 
   def step(state, gx, valid_t, reset_t):
@@ -287,7 +281,6 @@ def _forward_scan(
       output = jnp.where(valid_t[:, None], output, 0)
     return new_state, output, residuals, h_in
 
-  save = operands is not None
   if not save:
 
     def body(state, step_inputs):
@@ -298,27 +291,22 @@ def _forward_scan(
       body, initial_state, (projected, valid, reset), unroll=unroll
     )
 
-  input_size = operands.shape[-1] - initial_state[-1].shape[-1]
-
   def saving_body(carry, step_inputs):
-    state, buffer, operands = carry
+    state, buffer = carry
     index, valid_t, reset_t = step_inputs
     gx = lax.dynamic_index_in_dim(buffer, index, keepdims=False)
     new_state, output, (first, *rest), h_in = step(state, gx, valid_t, reset_t)
     buffer = lax.dynamic_update_index_in_dim(buffer, first, index, 0)
-    operands = lax.dynamic_update_slice(
-      operands, h_in[None], (index, 0, input_size)
-    )
-    return (new_state, buffer, operands), (output, tuple(rest))
+    return (new_state, buffer), (output, tuple(rest), h_in)
 
   steps = jnp.arange(projected.shape[0])
-  (final_state, buffer, operands), (outputs, rest) = lax.scan(
+  (final_state, buffer), (outputs, rest, h_in) = lax.scan(
     saving_body,
-    (initial_state, projected, operands),
+    (initial_state, projected),
     (steps, valid, reset),
     unroll=unroll,
   )
-  return final_state, (outputs, (buffer, *rest), operands)
+  return final_state, (outputs, (buffer, *rest), h_in)
 
 
 def _cast_all(arrays, dtype):
@@ -343,6 +331,7 @@ def _sequence(
     valid,
     reset,
     None if mask is None else mask.astype(dtype),
+    save=False,
   )
   return final_state, outputs
 
@@ -353,9 +342,7 @@ def _sequence_forward(
   dtype = inputs.dtype
   clean_inputs, projected = _prepare(inputs, w_i, valid)
   mask_c = None if mask is None else mask.astype(dtype)
-  steps, batch, _ = inputs.shape
-  room = jnp.zeros((steps, batch, w_h.shape[0]), dtype)
-  final_state, (outputs, residuals, operands) = _forward_scan(
+  final_state, (outputs, residuals, h_in) = _forward_scan(
     cell,
     unroll,
     projected,
@@ -366,11 +353,12 @@ def _sequence_forward(
     valid,
     reset,
     mask_c,
-    operands=jnp.concatenate([clean_inputs, room], axis=-1),
+    save=True,
   )
   saved = (
-    operands,
+    clean_inputs,
     residuals,
+    h_in,
     w_i,
     w_h,
     b_i,
@@ -385,8 +373,9 @@ def _sequence_forward(
 
 def _sequence_backward(cell, unroll, saved, cotangents):
   (
-    operands,
+    inputs,
     residuals,
+    h_in,
     w_i,
     w_h,
     b_i,
@@ -397,7 +386,7 @@ def _sequence_backward(cell, unroll, saved, cotangents):
     mask,
   ) = saved
   d_final_state, d_outputs = cotangents
-  dtype = operands.dtype
+  dtype = inputs.dtype
   w_h_transposed = w_h.astype(dtype).T
   d_final_state = _cast_all(d_final_state, dtype)
   d_outputs = d_outputs.astype(dtype)
@@ -456,25 +445,16 @@ def _sequence_backward(cell, unroll, saved, cotangents):
   if d_initial is not None:
     d_state = tuple(a + b for a, b in zip(d_state, d_initial, strict=True))
 
-  steps, batch, _ = operands.shape
-  input_size = w_i.shape[0]
+  steps, batch, _ = inputs.shape
   flat = lambda a: a.reshape(steps * batch, a.shape[-1])  # noqa: E731
-  operands, d_gx = flat(operands), flat(d_gx)
+  d_gx = flat(d_gx)
+  d_gh = d_gx if d_gh is None else flat(d_gh)
   f32 = jnp.float32
-  weight_gradient = functools.partial(jnp.dot, preferred_element_type=f32)
-  if d_gh is None:
-    # One GEMM for both: [X, H_in]ᵀ dZ, measured faster than two.
-    d_w = weight_gradient(operands.T, d_gx)
-    d_w_i, d_w_h = d_w[:input_size], d_w[input_size:]
-    d_b_h = None
-  else:
-    d_gh = flat(d_gh)
-    d_w_i = weight_gradient(operands[:, :input_size].T, d_gx)
-    d_w_h = weight_gradient(operands[:, input_size:].T, d_gh)
-    d_b_h = jnp.sum(d_gh, axis=0, dtype=f32)
-  d_inputs = jnp.dot(d_gx, w_i.astype(dtype).T)
-  d_inputs = d_inputs.reshape(steps, batch, input_size)
+  d_w_i = jnp.dot(flat(inputs).T, d_gx, preferred_element_type=f32)
+  d_w_h = jnp.dot(flat(h_in).T, d_gh, preferred_element_type=f32)
+  d_inputs = jnp.dot(d_gx, w_i.astype(dtype).T).reshape(inputs.shape)
   d_b_i = jnp.sum(d_gx, axis=0, dtype=f32)
+  d_b_h = None if b_h is None else jnp.sum(d_gh, axis=0, dtype=f32)
   return (
     d_inputs,
     d_w_i.astype(w_i.dtype),
