@@ -20,6 +20,7 @@ FEATURES, INPUTS = 5, 3
 CELLS = {
   "lstm": hk_rnn.LSTMCell,
   "gru": hk_rnn.GRUCell,
+  "mgu": hk_rnn.MGUCell,
   "simple": hk_rnn.SimpleCell,
 }
 # Row 0 padded, row 1 packs three segments, row 2 full, row 3 empty.
@@ -132,10 +133,10 @@ class FusedRNNTest(parameterized.TestCase):
     )
 
   @parameterized.product(
-    kind=("gru", "simple"),
+    kind=("gru", "mgu", "simple"),
     scenario=("packed_reverse_keep_order", "dropout", "lengths"),
   )
-  def test_gru_and_simple_fused_equal_step_path(self, kind, scenario):
+  def test_gru_mgu_and_simple_fused_equal_step_path(self, kind, scenario):
     _assert_tree_close(
       _loss_and_grads(kind, True, scenario),
       _loss_and_grads(kind, False, scenario),
@@ -153,6 +154,7 @@ class FusedRNNTest(parameterized.TestCase):
   @parameterized.parameters(
     ("lstm", "lstm_sequence"),
     ("gru", "gru_sequence"),
+    ("mgu", "mgu_sequence"),
     ("simple", "simple_sequence"),
   )
   def test_rnn_uses_the_kernel_by_default(self, kind, kernel):
@@ -164,6 +166,7 @@ class FusedRNNTest(parameterized.TestCase):
     ("lstm", "lstm_sequence", {"gate_fn": jax.nn.hard_sigmoid}),
     ("lstm", "lstm_sequence", {"activation_fn": jax.nn.relu}),
     ("gru", "gru_sequence", {"activation_fn": jax.nn.relu}),
+    ("mgu", "mgu_sequence", {"gate_fn": jax.nn.hard_sigmoid}),
     ("simple", "simple_sequence", {"activation_fn": jax.nn.relu}),
   )
   def test_custom_activations_take_the_step_path(self, kind, kernel, options):

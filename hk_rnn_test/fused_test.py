@@ -17,9 +17,9 @@ from jax.experimental import rnn
 
 from hk_rnn._src import fused
 
-CELLS = ("lstm", "gru", "simple")
+CELLS = ("lstm", "gru", "mgu", "simple")
 CASES = ("plain", "lengths", "packed", "dropout", "packed_dropout", "one_step")
-_BLOCKS = {"lstm": 4, "gru": 3, "simple": 1}
+_BLOCKS = {"lstm": 4, "gru": 3, "mgu": 2, "simple": 1}
 _TIME, _BATCH, _INPUTS, _FEATURES = 6, 4, 3, 5
 
 
@@ -56,7 +56,7 @@ def _make(cell, case, seed=0):
     "w_i": normal(_INPUTS, width, scale=0.6),
     "w_h": normal(_FEATURES, width, scale=0.4),
   }
-  if cell == "gru":
+  if cell in ("gru", "mgu"):
     params["b_i"] = normal(width, scale=0.3)
     params["b_h"] = normal(width, scale=0.3)
   else:
@@ -97,8 +97,9 @@ def _kernel(cell, inputs, params, carry, valid, reset, mask, unroll=1):
     return fused.lstm_sequence(
       inputs, params["w_i"], params["w_h"], params["b"], carry, **options
     )
-  if cell == "gru":
-    return fused.gru_sequence(
+  if cell in ("gru", "mgu"):
+    kernel = fused.gru_sequence if cell == "gru" else fused.mgu_sequence
+    return kernel(
       inputs,
       params["w_i"],
       params["w_h"],
@@ -128,6 +129,13 @@ def _step(cell, params, carry, x, h_in, xp):
     r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z)
     n = xp.tanh(x_n + r * h_n)
     new_h = (1 - z) * n + z * carry
+    return new_h, new_h
+  if cell == "mgu":
+    x_f, x_n = xp.split(x @ params["w_i"] + params["b_i"], 2, axis=-1)
+    h_f, h_n = xp.split(h_in @ params["w_h"] + params["b_h"], 2, axis=-1)
+    f = sigmoid(x_f + h_f)
+    n = xp.tanh(x_n + f * h_n)
+    new_h = (1 - f) * n + f * carry
     return new_h, new_h
   new_h = xp.tanh(x @ params["w_i"] + h_in @ params["w_h"] + params["b"])
   return new_h, new_h

@@ -196,23 +196,6 @@ class _GatedCell(RNNCellBase):
       "unroll": unroll,
     }
 
-  def _projections_with_two_biases(self, inputs, h, recurrent_mask, b_i_init):
-    """``x W_i + b_i`` and ``h_in W_h + b_h``, each split into gate blocks.
-
-    For the cells that keep the recurrent term apart (GRU, MGU), because a
-    gate multiplies it before it joins the input term.
-    """
-    w_i, w_h = self._dense_weights(inputs.shape[-1], h.dtype)
-    width = self._num_blocks * self.features
-    b_i = self._parameter("b_i", (width,), b_i_init).astype(h.dtype)
-    b_h = self._parameter("b_h", (width,), self.b_init).astype(h.dtype)
-    from_inputs = inputs.astype(h.dtype) @ w_i + b_i
-    from_hidden = _masked(h, recurrent_mask) @ w_h + b_h
-    return (
-      jnp.split(from_inputs, self._num_blocks, axis=-1),
-      jnp.split(from_hidden, self._num_blocks, axis=-1),
-    )
-
   def initialize_carry(
     self, sample_inputs: Array, rng: jax.Array | None = None
   ) -> Carry:
@@ -361,7 +344,53 @@ class LSTMCell(_GatedCell):
     )
 
 
-class GRUCell(_GatedCell):
+class _TwoBiasCell(_GatedCell):
+  """Base of the cells that keep the biases ``b_i`` and ``b_h`` apart.
+
+  In the GRU and the MGU a gate multiplies the recurrent term before it joins
+  the input term. Subclasses name their fused kernel in ``_kernel_name``.
+  """
+
+  _kernel_name: str
+
+  def _input_bias_init(self) -> Initializer:
+    return self.b_init
+
+  def _biases(self) -> tuple[Array, Array]:
+    width = self._num_blocks * self.features
+    return (
+      self._parameter("b_i", (width,), self._input_bias_init()),
+      self._parameter("b_h", (width,), self.b_init),
+    )
+
+  def _projections(self, inputs, h, recurrent_mask):
+    """``x W_i + b_i`` and ``h_in W_h + b_h``, each split into gate blocks."""
+    w_i, w_h = self._dense_weights(inputs.shape[-1], h.dtype)
+    b_i, b_h = (b.astype(h.dtype) for b in self._biases())
+    from_inputs = inputs.astype(h.dtype) @ w_i + b_i
+    from_hidden = _masked(h, recurrent_mask) @ w_h + b_h
+    return (
+      jnp.split(from_inputs, self._num_blocks, axis=-1),
+      jnp.split(from_hidden, self._num_blocks, axis=-1),
+    )
+
+  def _fused_sequence(
+    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+  ):
+    """The whole sequence in the cell's fused kernel (σ/tanh only)."""
+    if not self._has_default_activations():
+      return None
+    kernel = getattr(fused, self._kernel_name)
+    return kernel(
+      inputs.astype(self._compute_dtype(inputs.dtype)),
+      *self._dense_weights(inputs.shape[-1], None),
+      *self._biases(),
+      initial_carry,
+      **self._fused_options(valid, reset, recurrent_mask, unroll),
+    )
+
+
+class GRUCell(_TwoBiasCell):
   r"""Gated recurrent unit (Cho et al., 2014), in PyTorch's and cuDNN's form.
 
   .. math::
@@ -382,40 +411,21 @@ class GRUCell(_GatedCell):
 
   _num_blocks = 3
   _carry_size = 1
+  _kernel_name = "gru_sequence"
 
   def __call__(
     self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
   ) -> tuple[Array, Array]:
     """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
     h = carry.astype(self._compute_dtype(inputs.dtype))
-    (x_r, x_z, x_n), (h_r, h_z, h_n) = self._projections_with_two_biases(
-      inputs, h, recurrent_mask, self.b_init
+    (x_r, x_z, x_n), (h_r, h_z, h_n) = self._projections(
+      inputs, h, recurrent_mask
     )
     r = self.gate_fn(x_r + h_r)
     z = self.gate_fn(x_z + h_z)
     n = self.activation_fn(x_n + r * h_n)
     new_h = (1.0 - z) * n + z * h
     return new_h, new_h
-
-  def _fused_sequence(
-    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
-  ):
-    """The whole sequence in :func:`fused.gru_sequence` (σ/tanh only)."""
-    if not self._has_default_activations():
-      return None
-    w_i, w_h = self._dense_weights(inputs.shape[-1], None)
-    width = 3 * self.features
-    b_i = self._parameter("b_i", (width,), self.b_init)
-    b_h = self._parameter("b_h", (width,), self.b_init)
-    return fused.gru_sequence(
-      inputs.astype(self._compute_dtype(inputs.dtype)),
-      w_i,
-      w_h,
-      b_i,
-      b_h,
-      initial_carry,
-      **self._fused_options(valid, reset, recurrent_mask, unroll),
-    )
 
 
 class SimpleCell(_GatedCell):
@@ -461,7 +471,7 @@ class SimpleCell(_GatedCell):
     )
 
 
-class MGUCell(_GatedCell):
+class MGUCell(_TwoBiasCell):
   r"""Minimal gated unit (Zhou et al., 2016), in Flax's form.
 
   .. math::
@@ -479,6 +489,7 @@ class MGUCell(_GatedCell):
 
   _num_blocks = 2
   _carry_size = 1
+  _kernel_name = "mgu_sequence"
 
   def __init__(
     self, features: int, *, b_i_init: Initializer | None = None, **options
@@ -486,14 +497,15 @@ class MGUCell(_GatedCell):
     super().__init__(features, **options)
     self.b_i_init = b_i_init or _ones_then_zeros
 
+  def _input_bias_init(self) -> Initializer:
+    return self.b_i_init
+
   def __call__(
     self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
   ) -> tuple[Array, Array]:
     """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
     h = carry.astype(self._compute_dtype(inputs.dtype))
-    (x_f, x_n), (h_f, h_n) = self._projections_with_two_biases(
-      inputs, h, recurrent_mask, self.b_i_init
-    )
+    (x_f, x_n), (h_f, h_n) = self._projections(inputs, h, recurrent_mask)
     f = self.gate_fn(x_f + h_f)
     n = self.activation_fn(x_n + f * h_n)
     new_h = (1.0 - f) * n + f * h

@@ -1,4 +1,4 @@
-r"""Fused whole-sequence kernels for the LSTM, GRU and simple (Elman) cells.
+r"""Fused whole-sequence kernels for the LSTM, GRU, MGU and simple cells.
 
 Each kernel runs a whole masked sequence with a hand-written VJP, the scheme
 cuDNN and oneDNN use:
@@ -210,6 +210,38 @@ def _gru_backward(residuals, d_state):
   )
 
 
+# MGU, a GRU whose one gate f serves as both r and z: with
+# gh = h_in W_h + b_h, n = tanh(gx_n + f gh_n) and h' = n + f (h - n):
+#   dn_pre = dh' (1-f)(1-n²);  df_pre = (dh' (h-n) + dn_pre gh_n) f(1-f);
+#   d_gx = [df_pre, dn_pre];  d_gh = [df_pre, dn_pre f];  dh (direct) = dh' f.
+# As for the GRU, the step saves K_x and K_h with d_gx = [dh']*2 ⊙ K_x and
+# d_gh = [dh']*2 ⊙ K_h.
+
+
+def _mgu_step(gx, gh, state, save):
+  (h,) = state
+  # σ over both blocks (the n block's is unused): see ``_activate``.
+  gates = _activate(gx + gh, (False, False))
+  f, _ = jnp.split(gates, 2, axis=-1)
+  _, x_n = jnp.split(gx, 2, axis=-1)
+  _, h_n = jnp.split(gh, 2, axis=-1)
+  n = _tanh(x_n + f * h_n)
+  new_h = n + f * (h - n)
+  if not save:
+    return (new_h,), new_h, None
+  d_n = (1 - f) * (1 - n * n)
+  d_f = ((h - n) + d_n * h_n) * f * (1 - f)
+  residuals = (_blocks(d_f, d_n), _blocks(d_f, d_n * f), f)
+  return (new_h,), new_h, residuals
+
+
+def _mgu_backward(residuals, d_state):
+  input_coefficients, recurrent_coefficients, f = residuals
+  (d_h,) = d_state
+  d_h2 = _blocks(d_h, d_h)
+  return d_h2 * input_coefficients, d_h2 * recurrent_coefficients, (d_h * f,)
+
+
 # Simple: h' = tanh(gx + gh), d_gx = dh' (1 - h'²).
 
 
@@ -227,6 +259,7 @@ def _simple_backward(residuals, d_state):
 
 _LSTM = _Cell(_lstm_step, _lstm_backward)
 _GRU = _Cell(_gru_step, _gru_backward, separate_recurrent_cotangent=True)
+_MGU = _Cell(_mgu_step, _mgu_backward, separate_recurrent_cotangent=True)
 _SIMPLE = _Cell(_simple_step, _simple_backward)
 
 
@@ -473,7 +506,7 @@ def _sequence_backward(cell, unroll, saved, cotangents):
 _sequence.defvjp(_sequence_forward, _sequence_backward)
 
 
-def _check(name, inputs, carry_size, w_i, w_h, biases, initial_state, **masks):
+def _check(name, inputs, blocks, w_i, w_h, biases, initial_state, **masks):
   """Raises ``ValueError`` on shapes the kernels cannot run."""
   if inputs.ndim != 3:
     raise ValueError(
@@ -481,7 +514,7 @@ def _check(name, inputs, carry_size, w_i, w_h, biases, initial_state, **masks):
     )
   steps, batch, input_size = inputs.shape
   features = w_h.shape[0]
-  width = carry_size * features
+  width = blocks * features
   expected = {
     "w_i": ((input_size, width), w_i.shape),
     "w_h": ((features, width), w_h.shape),
@@ -590,6 +623,54 @@ def lstm_sequence(
   )
 
 
+def _single_carry_sequence(
+  name,
+  cell,
+  blocks,
+  inputs,
+  w_i,
+  w_h,
+  biases,
+  initial_carry,
+  valid,
+  reset,
+  mask,
+  unroll,
+):
+  """Checks and runs a kernel of ``blocks`` gate blocks whose carry is ``h``.
+
+  ``biases`` maps argument names to arrays: ``b`` alone, or ``b_i`` then
+  ``b_h``.
+  """
+  _check(
+    name,
+    inputs,
+    blocks,
+    w_i,
+    w_h,
+    biases,
+    (initial_carry,),
+    valid=valid,
+    reset=reset,
+    recurrent_mask=mask,
+  )
+  b_i, b_h = (*biases.values(), None)[:2]
+  (h,), outputs = _sequence(
+    cell,
+    unroll,
+    inputs,
+    w_i,
+    w_h,
+    b_i,
+    b_h,
+    (initial_carry,),
+    _as_bool(valid),
+    _as_bool(reset),
+    mask,
+  )
+  return h, outputs
+
+
 def gru_sequence(
   inputs: Array,
   w_i: Array,
@@ -619,32 +700,64 @@ def gru_sequence(
   Returns:
     ``(h, outputs)``.
   """
-  _check(
+  return _single_carry_sequence(
     "gru_sequence",
-    inputs,
+    _GRU,
     3,
+    inputs,
     w_i,
     w_h,
     {"b_i": b_i, "b_h": b_h},
-    (initial_carry,),
-    valid=valid,
-    reset=reset,
-    recurrent_mask=recurrent_mask,
-  )
-  (h,), outputs = _sequence(
-    _GRU,
+    initial_carry,
+    valid,
+    reset,
+    recurrent_mask,
     unroll,
+  )
+
+
+def mgu_sequence(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b_i: Array,
+  b_h: Array,
+  initial_carry: Array,
+  *,
+  valid: Array | None = None,
+  reset: Array | None = None,
+  recurrent_mask: Array | None = None,
+  unroll: int = 1,
+) -> tuple[Array, Array]:
+  r"""Runs a minimal gated unit over a whole sequence with a fused VJP.
+
+  .. math::
+
+      f &= \sigma(x_t W_{if} + b_{if} + h_{in} W_{hf} + b_{hf}) \\
+      n &= \tanh(x_t W_{in} + b_{in} + f (h_{in} W_{hn} + b_{hn})), \quad
+      h' = (1 - f) n + f h
+
+  (the interpolation uses the undropped ``h``). Arguments as for
+  :func:`gru_sequence`, with ``w_i (D, 2F)``, ``w_h (F, 2F)``,
+  ``b_i (2F,)``, ``b_h (2F,)`` in blocks f, n.
+
+  Returns:
+    ``(h, outputs)``.
+  """
+  return _single_carry_sequence(
+    "mgu_sequence",
+    _MGU,
+    2,
     inputs,
     w_i,
     w_h,
-    b_i,
-    b_h,
-    (initial_carry,),
-    _as_bool(valid),
-    _as_bool(reset),
+    {"b_i": b_i, "b_h": b_h},
+    initial_carry,
+    valid,
+    reset,
     recurrent_mask,
+    unroll,
   )
-  return h, outputs
 
 
 def simple_sequence(
@@ -667,32 +780,20 @@ def simple_sequence(
   Returns:
     ``(h, outputs)``.
   """
-  _check(
+  return _single_carry_sequence(
     "simple_sequence",
-    inputs,
+    _SIMPLE,
     1,
+    inputs,
     w_i,
     w_h,
     {"b": b},
-    (initial_carry,),
-    valid=valid,
-    reset=reset,
-    recurrent_mask=recurrent_mask,
-  )
-  (h,), outputs = _sequence(
-    _SIMPLE,
-    unroll,
-    inputs,
-    w_i,
-    w_h,
-    b,
-    None,
-    (initial_carry,),
-    _as_bool(valid),
-    _as_bool(reset),
+    initial_carry,
+    valid,
+    reset,
     recurrent_mask,
+    unroll,
   )
-  return h, outputs
 
 
 # cuDNN dispatch. ``jax.experimental.rnn.lstm`` takes batch-major inputs,

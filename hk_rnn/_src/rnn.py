@@ -248,9 +248,9 @@ class RNN(hk.Module):
   at every step (variational dropout); this needs an rng in ``apply``.
 
   **Speed.** Cells that have a fused whole-sequence kernel (``LSTMCell``,
-  ``GRUCell``, ``SimpleCell`` with their default activations) use it when
-  ``fused=True`` (the default); ``fused=False`` always runs the cell step by
-  step. Both give the same numbers.
+  ``GRUCell``, ``MGUCell``, ``SimpleCell`` with their default activations)
+  use it when ``fused=True`` (the default); ``fused=False`` always runs the
+  cell step by step. Both give the same numbers.
 
   Mask and length *values* are validated when they are concrete; under
   ``jax.jit`` they are traced and cannot be checked, so a malformed mask
