@@ -91,8 +91,16 @@ def _make_jax(cell, case, seed=0, dtype=jnp.float32):
   return inputs, params, carry, valid, reset, mask
 
 
-def _kernel(cell, inputs, params, carry, valid, reset, mask, unroll=1):
-  options = dict(valid=valid, reset=reset, recurrent_mask=mask, unroll=unroll)
+def _kernel(
+  cell, inputs, params, carry, valid, reset, mask, unroll=1, reset_carry=None
+):
+  options = dict(
+    valid=valid,
+    reset=reset,
+    reset_carry=reset_carry,
+    recurrent_mask=mask,
+    unroll=unroll,
+  )
   if cell == "lstm":
     return fused.lstm_sequence(
       inputs, params["w_i"], params["w_h"], params["b"], carry, **options
@@ -145,12 +153,14 @@ def _hidden(cell, carry):
   return carry[1] if cell == "lstm" else carry
 
 
-def _reference(cell, inputs, params, carry, valid, reset, mask):
+def _reference(
+  cell, inputs, params, carry, valid, reset, mask, reset_carry=None
+):
   """The masked recurrence as a plain ``lax.scan`` (autodiff gives its VJP)."""
   time, batch = inputs.shape[:2]
   valid = jnp.ones((time, batch), bool) if valid is None else valid
   reset = jnp.zeros((time, batch), bool) if reset is None else reset
-  initial = carry
+  initial = carry if reset_carry is None else reset_carry
 
   def body(state, step_inputs):
     x, valid_t, reset_t = step_inputs
@@ -260,6 +270,42 @@ class FusedTest(parameterized.TestCase):
       atol=1e-5,
       rtol=1e-5,
     )
+
+  @parameterized.parameters(*CELLS)
+  def test_packed_segments_restart_from_reset_carry(self, cell):
+    inputs, params, carry, valid, reset, mask = _make_jax(cell, "packed")
+    _, _, reset_carry, *_ = _make_jax(cell, "packed", seed=3)
+    arguments = (inputs, params, carry, reset_carry)
+
+    def results_and_grads(run):
+      def both(*arguments):
+        results, pullback = jax.vjp(run, *arguments)
+        rng = np.random.default_rng(1)
+        cotangents = jax.tree.map(
+          lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), results
+        )
+        return results, pullback(cotangents)
+
+      return jax.jit(both)(*arguments)
+
+    def fused_run(inputs, params, carry, reset_carry):
+      return _kernel(
+        cell, inputs, params, carry, valid, reset, mask, reset_carry=reset_carry
+      )
+
+    def reference_run(inputs, params, carry, reset_carry):
+      return _reference(
+        cell, inputs, params, carry, valid, reset, mask, reset_carry
+      )
+
+    fused_results = results_and_grads(fused_run)
+    _assert_tree_close(
+      fused_results, results_and_grads(reference_run), atol=1e-5, rtol=1e-5
+    )
+    # Both carries matter: the packed rows restart, the others do not.
+    for d_carry in fused_results[1][2:]:
+      for leaf in jax.tree.leaves(d_carry):
+        self.assertGreater(float(jnp.max(jnp.abs(leaf))), 0.0)
 
   @parameterized.product(cell=CELLS, case=("packed_dropout", "lengths"))
   def test_values_match_numpy_loop(self, cell, case):

@@ -454,27 +454,34 @@ class RNNRematTest(parameterized.TestCase):
 
     test_utils.tree_allclose(self, run(rematted), run(plain), atol=1e-6)
 
-  @parameterized.parameters(("lstm", False), ("gru", True))
-  def test_chunked_runs_unpacked_chunks_in_the_fused_kernel(
-    self, kind, reverse
+  @parameterized.parameters(
+    ("lstm", False, False), ("gru", True, False), ("lstm", True, True),
+    ("gru", False, True),
+  )  # fmt: skip
+  def test_chunked_runs_each_chunk_in_the_fused_kernel(
+    self, kind, reverse, packed
   ):
     from unittest import mock
 
     from hk_rnn._src import fused
 
     kernel = {"lstm": "lstm_sequence", "gru": "gru_sequence"}[kind]
-    inputs, lengths = _inputs(), jnp.asarray(LENGTHS)
+    inputs = _inputs()
+    if packed:
+      masks = {"mask": jnp.asarray(PACKED_IDS)}
+    else:
+      masks = {"seq_lengths": jnp.asarray(LENGTHS)}
     plain = test_utils.transform(_rnn_fn(kind, reverse=reverse, fused=False))
     chunked = test_utils.transform(
       _rnn_fn(kind, reverse=reverse, remat="chunked")
     )
-    params = plain.init(jax.random.PRNGKey(0), inputs, seq_lengths=lengths)
+    params = plain.init(jax.random.PRNGKey(0), inputs, **masks)
 
     def run(model):
       def loss(params, inputs):
-        return _loss(*model.apply(params, inputs, seq_lengths=lengths))
+        return _loss(*model.apply(params, inputs, **masks))
 
-      values = model.apply(params, inputs, seq_lengths=lengths)
+      values = model.apply(params, inputs, **masks)
       return values, jax.grad(loss, argnums=(0, 1))(params, inputs)
 
     with mock.patch.object(fused, kernel, wraps=getattr(fused, kernel)) as spy:
@@ -538,7 +545,18 @@ class RNNStreamingTest(parameterized.TestCase):
         outputs.append(chunk_outputs)
       return carry, jnp.concatenate(outputs, axis=1)
 
-    carry, outputs = chunk_loss(params, inputs)
+    from unittest import mock
+
+    from hk_rnn._src import fused as kernels
+
+    kernel = {"lstm": "lstm_sequence", "gru": "gru_sequence"}[kind]
+    with mock.patch.object(
+      kernels, kernel, wraps=getattr(kernels, kernel)
+    ) as spy:
+      carry, outputs = chunk_loss(params, inputs)
+    # Every chunk runs in the kernel when fused, also those whose packed
+    # segments restart from a different carry than the one they continue.
+    self.assertEqual(spy.call_count, 3 if fused else 0)
     test_utils.tree_allclose(self, outputs, full_outputs)
     test_utils.tree_allclose(self, carry, full_carry)
 

@@ -62,6 +62,7 @@ class RNNCellBase(hk.Module, abc.ABC):
     self,
     inputs: Array,
     initial_carry: Carry,
+    reset_carry: Carry,
     valid: Array | None,
     reset: Array | None,
     recurrent_mask: Array | None,
@@ -71,10 +72,12 @@ class RNNCellBase(hk.Module, abc.ABC):
 
     ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``;
     ``valid`` and ``reset`` are ``(time, batch)`` bools as ``RNN`` computes
-    them. Returns ``(final_carry, outputs)`` exactly as the masked step loop
-    would.
+    them; rows start from ``initial_carry`` and restart from ``reset_carry``
+    where ``reset``. Returns ``(final_carry, outputs)`` exactly as the masked
+    step loop would.
     """
-    del inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    del inputs, initial_carry, reset_carry, valid, reset, recurrent_mask
+    del unroll
     return None
 
 
@@ -188,8 +191,11 @@ class _GatedCell(RNNCellBase):
     """Whether the fused kernels (σ gates, tanh) compute this cell."""
     return self.gate_fn is jax.nn.sigmoid and self.activation_fn is jnp.tanh
 
-  def _fused_options(self, valid, reset, recurrent_mask, unroll) -> dict:
+  def _fused_options(
+    self, reset_carry, valid, reset, recurrent_mask, unroll
+  ) -> dict:
     return {
+      "reset_carry": reset_carry,
       "valid": valid,
       "reset": reset,
       "recurrent_mask": recurrent_mask,
@@ -325,7 +331,14 @@ class LSTMCell(_GatedCell):
     return _lstm_update(self, z, c)
 
   def _fused_sequence(
-    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    self,
+    inputs,
+    initial_carry,
+    reset_carry,
+    valid,
+    reset,
+    recurrent_mask,
+    unroll,
   ):
     """The whole sequence in :func:`fused.lstm_sequence` (σ/tanh only)."""
     if not self._has_default_activations():
@@ -340,7 +353,7 @@ class LSTMCell(_GatedCell):
       w_h,
       b,
       tuple(initial_carry),
-      **self._fused_options(valid, reset, recurrent_mask, unroll),
+      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
     )
 
 
@@ -375,7 +388,14 @@ class _TwoBiasCell(_GatedCell):
     )
 
   def _fused_sequence(
-    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    self,
+    inputs,
+    initial_carry,
+    reset_carry,
+    valid,
+    reset,
+    recurrent_mask,
+    unroll,
   ):
     """The whole sequence in the cell's fused kernel (σ/tanh only)."""
     if not self._has_default_activations():
@@ -386,7 +406,7 @@ class _TwoBiasCell(_GatedCell):
       *self._dense_weights(inputs.shape[-1], None),
       *self._biases(),
       initial_carry,
-      **self._fused_options(valid, reset, recurrent_mask, unroll),
+      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
     )
 
 
@@ -454,7 +474,14 @@ class SimpleCell(_GatedCell):
     return self.activation_fn is jnp.tanh  # gate_fn is unused here
 
   def _fused_sequence(
-    self, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+    self,
+    inputs,
+    initial_carry,
+    reset_carry,
+    valid,
+    reset,
+    recurrent_mask,
+    unroll,
   ):
     """The whole sequence in :func:`fused.simple_sequence` (tanh only)."""
     if not self._has_default_activations():
@@ -467,7 +494,7 @@ class SimpleCell(_GatedCell):
       w_h,
       b,
       initial_carry,
-      **self._fused_options(valid, reset, recurrent_mask, unroll),
+      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
     )
 
 

@@ -34,14 +34,15 @@ step. At step ``t`` each kernel computes
 
 .. math::
 
-    s &= \mathrm{reset}_t \;?\; s_0 : s \qquad
+    s &= \mathrm{reset}_t \;?\; s_r : s \qquad
         \text{(a packed row's next segment starts afresh)} \\
     h_{in} &= h \odot m \qquad \text{(recurrent dropout, when a mask is given)} \\
     s', y &= \mathrm{cell}(x_t, h_{in}, s) \\
     s &= \mathrm{valid}_t \;?\; s' : s, \qquad
     \mathrm{output}_t = \mathrm{valid}_t \;?\; y : 0
 
-and returns ``(final_carry, outputs (T, B, F))``. Padded steps change nothing:
+where ``s_r`` is the reset carry (by default the initial carry), and
+returns ``(final_carry, outputs (T, B, F))``. Padded steps change nothing:
 the kernels zero the inputs there before the input GEMM, so even NaN padding
 reaches no value and no gradient.
 
@@ -287,6 +288,7 @@ def _forward_scan(
   b_i,
   b_h,
   initial_state,
+  reset_state,
   valid,
   reset,
   mask,
@@ -303,7 +305,7 @@ def _forward_scan(
 
   def step(state, gx, valid_t, reset_t):
     if reset_t is not None:
-      state = _select(reset_t, initial_state, state)
+      state = _select(reset_t, reset_state, state)
     h_in = state[-1] if mask is None else state[-1] * mask
     gh = jnp.dot(h_in, w_h)
     if b_h is not None:
@@ -348,9 +350,24 @@ def _cast_all(arrays, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _sequence(
-  cell, unroll, inputs, w_i, w_h, b_i, b_h, initial_state, valid, reset, mask
+  cell,
+  unroll,
+  inputs,
+  w_i,
+  w_h,
+  b_i,
+  b_h,
+  initial_state,
+  reset_state,
+  valid,
+  reset,
+  mask,
 ):
-  """The fused recurrence; ``b_h`` is ``None`` for single-bias cells."""
+  """The fused recurrence; ``b_h`` is ``None`` for single-bias cells.
+
+  Rows start from ``initial_state``, and every later segment of a packed row
+  (``reset``) from ``reset_state``.
+  """
   dtype = inputs.dtype
   _, projected = _prepare(inputs, w_i, valid)
   final_state, outputs = _forward_scan(
@@ -361,6 +378,7 @@ def _sequence(
     b_i.astype(dtype),
     None if b_h is None else b_h.astype(dtype),
     _cast_all(initial_state, dtype),
+    _cast_all(reset_state, dtype),
     valid,
     reset,
     None if mask is None else mask.astype(dtype),
@@ -370,7 +388,18 @@ def _sequence(
 
 
 def _sequence_forward(
-  cell, unroll, inputs, w_i, w_h, b_i, b_h, initial_state, valid, reset, mask
+  cell,
+  unroll,
+  inputs,
+  w_i,
+  w_h,
+  b_i,
+  b_h,
+  initial_state,
+  reset_state,
+  valid,
+  reset,
+  mask,
 ):
   dtype = inputs.dtype
   clean_inputs, projected = _prepare(inputs, w_i, valid)
@@ -383,6 +412,7 @@ def _sequence_forward(
     b_i.astype(dtype),
     None if b_h is None else b_h.astype(dtype),
     _cast_all(initial_state, dtype),
+    _cast_all(reset_state, dtype),
     valid,
     reset,
     mask_c,
@@ -397,6 +427,7 @@ def _sequence_forward(
     b_i,
     b_h,
     initial_state,
+    reset_state,
     valid,
     reset,
     mask_c,
@@ -414,6 +445,7 @@ def _sequence_backward(cell, unroll, saved, cotangents):
     b_i,
     b_h,
     initial_state,
+    reset_state,
     valid,
     reset,
     mask,
@@ -475,8 +507,8 @@ def _sequence_backward(cell, unroll, saved, cotangents):
     unroll=unroll,
   )
   d_gh = d_gh[0] if d_gh else None
-  if d_initial is not None:
-    d_state = tuple(a + b for a, b in zip(d_state, d_initial, strict=True))
+  if d_initial is None:
+    d_initial = tuple(map(jnp.zeros_like, d_state))
 
   steps, batch, _ = inputs.shape
   flat = lambda a: a.reshape(steps * batch, a.shape[-1])  # noqa: E731
@@ -497,6 +529,9 @@ def _sequence_backward(cell, unroll, saved, cotangents):
     tuple(
       d.astype(s.dtype) for d, s in zip(d_state, initial_state, strict=True)
     ),
+    tuple(
+      d.astype(s.dtype) for d, s in zip(d_initial, reset_state, strict=True)
+    ),
     None,
     None,
     None,
@@ -506,7 +541,9 @@ def _sequence_backward(cell, unroll, saved, cotangents):
 _sequence.defvjp(_sequence_forward, _sequence_backward)
 
 
-def _check(name, inputs, blocks, w_i, w_h, biases, initial_state, **masks):
+def _check(
+  name, inputs, blocks, w_i, w_h, biases, initial_state, reset_state, **masks
+):
   """Raises ``ValueError`` on shapes the kernels cannot run."""
   if inputs.ndim != 3:
     raise ValueError(
@@ -521,8 +558,12 @@ def _check(name, inputs, blocks, w_i, w_h, biases, initial_state, **masks):
   }
   for key, bias in biases.items():
     expected[key] = ((width,), bias.shape)
-  for index, part in enumerate(initial_state):
-    expected[f"initial_carry[{index}]"] = ((batch, features), part.shape)
+  for key, state in (
+    ("initial_carry", initial_state),
+    ("reset_carry", reset_state),
+  ):
+    for index, part in enumerate(state):
+      expected[f"{key}[{index}]"] = ((batch, features), part.shape)
   for key, value in masks.items():
     if value is not None:
       shape = (batch, features) if key == "recurrent_mask" else (steps, batch)
@@ -545,6 +586,7 @@ def lstm_sequence(
   *,
   valid: Array | None = None,
   reset: Array | None = None,
+  reset_carry: tuple[Array, Array] | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
   allow_cudnn: bool = True,
@@ -578,7 +620,10 @@ def lstm_sequence(
     initial_carry: ``(c, h)``, each ``(B, F)``.
     valid: ``(T, B)`` bool, False at padded steps; None: all valid.
     reset: ``(T, B)`` bool, True where a row's state restarts from
-      ``initial_carry`` (a packed row's next segment); None: never.
+      ``reset_carry`` (a packed row's next segment); None: never.
+    reset_carry: the carry each such segment starts from, shaped like
+      ``initial_carry``; None: ``initial_carry``. They differ when a row's
+      first segment continues a carry from an earlier chunk of a stream.
     recurrent_mask: ``(B, F)`` dropout mask applied to ``h`` before ``W_h``,
       kept units already scaled by ``1/(1-rate)``.
     unroll: steps per scan iteration.
@@ -592,6 +637,7 @@ def lstm_sequence(
     the ``(T, B, F)`` outputs, zero at padded steps.
   """
   initial_carry = tuple(initial_carry)
+  reset_carry = initial_carry if reset_carry is None else tuple(reset_carry)
   _check(
     "lstm_sequence",
     inputs,
@@ -600,6 +646,7 @@ def lstm_sequence(
     w_h,
     {"b": b},
     initial_carry,
+    reset_carry,
     valid=valid,
     reset=reset,
     recurrent_mask=recurrent_mask,
@@ -617,6 +664,7 @@ def lstm_sequence(
     b,
     None,
     initial_carry,
+    reset_carry,
     _as_bool(valid),
     _as_bool(reset),
     recurrent_mask,
@@ -632,6 +680,7 @@ def _single_carry_sequence(
   w_h,
   biases,
   initial_carry,
+  reset_carry,
   valid,
   reset,
   mask,
@@ -650,6 +699,7 @@ def _single_carry_sequence(
     w_h,
     biases,
     (initial_carry,),
+    (reset_carry,),
     valid=valid,
     reset=reset,
     recurrent_mask=mask,
@@ -664,6 +714,7 @@ def _single_carry_sequence(
     b_i,
     b_h,
     (initial_carry,),
+    (reset_carry,),
     _as_bool(valid),
     _as_bool(reset),
     mask,
@@ -681,6 +732,7 @@ def gru_sequence(
   *,
   valid: Array | None = None,
   reset: Array | None = None,
+  reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
 ) -> tuple[Array, Array]:
@@ -709,6 +761,7 @@ def gru_sequence(
     w_h,
     {"b_i": b_i, "b_h": b_h},
     initial_carry,
+    initial_carry if reset_carry is None else reset_carry,
     valid,
     reset,
     recurrent_mask,
@@ -726,6 +779,7 @@ def mgu_sequence(
   *,
   valid: Array | None = None,
   reset: Array | None = None,
+  reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
 ) -> tuple[Array, Array]:
@@ -753,6 +807,7 @@ def mgu_sequence(
     w_h,
     {"b_i": b_i, "b_h": b_h},
     initial_carry,
+    initial_carry if reset_carry is None else reset_carry,
     valid,
     reset,
     recurrent_mask,
@@ -769,6 +824,7 @@ def simple_sequence(
   *,
   valid: Array | None = None,
   reset: Array | None = None,
+  reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
 ) -> tuple[Array, Array]:
@@ -789,6 +845,7 @@ def simple_sequence(
     w_h,
     {"b": b},
     initial_carry,
+    initial_carry if reset_carry is None else reset_carry,
     valid,
     reset,
     recurrent_mask,

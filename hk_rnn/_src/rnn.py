@@ -82,13 +82,16 @@ def scan_cell(
     inputs = sequences.flip_tree(inputs, ids, axis=0)
 
   result = None
-  # The kernels reset packed segments to the carry they start from, so a
-  # stream continuing a carry into packed rows takes the step path.
-  if (
-    fused and remat is None and (reset is None or reset_carry is initial_carry)
-  ):
+  if fused and remat is None:
     result = _run_kernel(
-      cell, inputs, initial_carry, valid, reset, recurrent_mask, unroll
+      cell,
+      inputs,
+      initial_carry,
+      reset_carry,
+      valid,
+      reset,
+      recurrent_mask,
+      unroll,
     )
   if result is None:
     result = _step_scan(
@@ -114,10 +117,18 @@ def _resolve_mask(recurrent_mask):
   return recurrent_mask() if callable(recurrent_mask) else recurrent_mask
 
 
-def _run_kernel(cell, inputs, carry, valid, reset, recurrent_mask, unroll):
+def _run_kernel(
+  cell, inputs, carry, reset_carry, valid, reset, recurrent_mask, unroll
+):
   """The cell's fused kernel over ``inputs``, or ``None`` where it has none."""
   return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-    inputs, carry, valid, reset, _resolve_mask(recurrent_mask), unroll
+    inputs,
+    carry,
+    reset_carry,
+    valid,
+    reset,
+    _resolve_mask(recurrent_mask),
+    unroll,
   )
 
 
@@ -135,8 +146,8 @@ def _step_scan(
 ):
   """The generic path: ``hk.scan`` over the cell's own step.
 
-  With ``remat="chunked"``, chunks of unpacked rows run in the cell's fused
-  kernel when ``fused`` and the cell has one.
+  With ``remat="chunked"``, each chunk runs in the cell's fused kernel when
+  ``fused`` and the cell has one.
   """
 
   def step(carry, step_inputs):
@@ -176,12 +187,19 @@ def _step_scan(
 
   @hk.remat
   def run_chunk(carry, chunk_inputs):
-    # Without packed rows a chunk is a plain sequence starting from `carry`,
-    # which the cell's fused kernel can run (its resets would go to `carry`).
-    if fused and reset is None:
-      x, chunk_valid, _ = chunk_inputs
+    # A chunk starts from the carry the previous one left; its packed
+    # segments still restart from `reset_carry`.
+    if fused:
+      x, chunk_valid, chunk_reset = chunk_inputs
       result = _run_kernel(
-        cell, x, carry, chunk_valid, None, recurrent_mask, unroll
+        cell,
+        x,
+        carry,
+        reset_carry,
+        chunk_valid,
+        chunk_reset,
+        recurrent_mask,
+        unroll,
       )
       if result is not None:
         return result
@@ -286,7 +304,7 @@ class RNN(hk.Module):
         each step's activations in the backward pass (stepping the cell),
         ``"chunked"`` keeps only the carry every ~sqrt(time) steps and
         recomputes a chunk at a time (in the fused kernel where the cell has
-        one and rows are not packed).
+        one).
       dropout_sampling: how the recurrent dropout mask reaches each step:
         ``"once"`` samples it before the scan and closes over it,
         ``"per_step"`` regenerates the same mask inside every step from a
