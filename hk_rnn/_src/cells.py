@@ -59,25 +59,18 @@ class RNNCellBase(hk.Module, abc.ABC):
     return dropout.DropoutMasks(None, None)
 
   def _fused_sequence(
-    self,
-    inputs: Array,
-    initial_carry: Carry,
-    reset_carry: Carry,
-    valid: Array | None,
-    reset: Array | None,
-    recurrent_mask: Array | None,
-    unroll: int,
+    self, inputs: Array, initial_carry: Carry, unroll: int, **sequence: Any
   ) -> tuple[Carry, Any] | None:
     """A whole-sequence kernel, or ``None`` where the cell has none.
 
-    ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``;
-    ``valid`` and ``reset`` are ``(time, batch)`` bools as ``RNN`` computes
-    them; rows start from ``initial_carry`` and restart from ``reset_carry``
-    where ``reset``. Returns ``(final_carry, outputs)`` exactly as the masked
-    step loop would.
+    ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``.
+    ``sequence`` holds what the kernels in ``fused.py`` take by keyword, as
+    ``RNN`` computes it: ``valid`` and ``reset``, ``(time, batch)`` bools;
+    ``reset_carry``, the carry a row restarts from where ``reset``;
+    ``recurrent_mask``. Returns ``(final_carry, outputs)`` exactly as the
+    masked step loop would.
     """
-    del inputs, initial_carry, reset_carry, valid, reset, recurrent_mask
-    del unroll
+    del inputs, initial_carry, unroll, sequence
     return None
 
 
@@ -190,17 +183,6 @@ class _GatedCell(RNNCellBase):
   def _has_default_activations(self) -> bool:
     """Whether the fused kernels (σ gates, tanh) compute this cell."""
     return self.gate_fn is jax.nn.sigmoid and self.activation_fn is jnp.tanh
-
-  def _fused_options(
-    self, reset_carry, valid, reset, recurrent_mask, unroll
-  ) -> dict:
-    return {
-      "reset_carry": reset_carry,
-      "valid": valid,
-      "reset": reset,
-      "recurrent_mask": recurrent_mask,
-      "unroll": unroll,
-    }
 
   def initialize_carry(
     self, sample_inputs: Array, rng: jax.Array | None = None
@@ -330,16 +312,7 @@ class LSTMCell(_GatedCell):
     z = inputs.astype(dtype) @ w_i + _masked(h, recurrent_mask) @ w_h + b
     return _lstm_update(self, z, c)
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    reset_carry,
-    valid,
-    reset,
-    recurrent_mask,
-    unroll,
-  ):
+  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
     """The whole sequence in :func:`fused.lstm_sequence` (σ/tanh only)."""
     if not self._has_default_activations():
       return None
@@ -353,7 +326,8 @@ class LSTMCell(_GatedCell):
       w_h,
       b,
       tuple(initial_carry),
-      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
+      unroll=unroll,
+      **sequence,
     )
 
 
@@ -387,16 +361,7 @@ class _TwoBiasCell(_GatedCell):
       jnp.split(from_hidden, self._num_blocks, axis=-1),
     )
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    reset_carry,
-    valid,
-    reset,
-    recurrent_mask,
-    unroll,
-  ):
+  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
     """The whole sequence in the cell's fused kernel (σ/tanh only)."""
     if not self._has_default_activations():
       return None
@@ -406,7 +371,8 @@ class _TwoBiasCell(_GatedCell):
       *self._dense_weights(inputs.shape[-1], None),
       *self._biases(),
       initial_carry,
-      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
+      unroll=unroll,
+      **sequence,
     )
 
 
@@ -473,16 +439,7 @@ class SimpleCell(_GatedCell):
   def _has_default_activations(self) -> bool:
     return self.activation_fn is jnp.tanh  # gate_fn is unused here
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    reset_carry,
-    valid,
-    reset,
-    recurrent_mask,
-    unroll,
-  ):
+  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
     """The whole sequence in :func:`fused.simple_sequence` (tanh only)."""
     if not self._has_default_activations():
       return None
@@ -494,7 +451,8 @@ class SimpleCell(_GatedCell):
       w_h,
       b,
       initial_carry,
-      **self._fused_options(reset_carry, valid, reset, recurrent_mask, unroll),
+      unroll=unroll,
+      **sequence,
     )
 
 

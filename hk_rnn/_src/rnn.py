@@ -124,11 +124,11 @@ def _run_kernel(
   return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
     inputs,
     carry,
-    reset_carry,
-    valid,
-    reset,
-    _resolve_mask(recurrent_mask),
     unroll,
+    reset_carry=reset_carry,
+    valid=valid,
+    reset=reset,
+    recurrent_mask=_resolve_mask(recurrent_mask),
   )
 
 
