@@ -689,8 +689,10 @@ def _single_carry_sequence(
   """Checks and runs a kernel of ``blocks`` gate blocks whose carry is ``h``.
 
   ``biases`` maps argument names to arrays: ``b`` alone, or ``b_i`` then
-  ``b_h``.
+  ``b_h``. ``reset_carry`` None means ``initial_carry``.
   """
+  if reset_carry is None:
+    reset_carry = initial_carry
   _check(
     name,
     inputs,
@@ -761,7 +763,7 @@ def gru_sequence(
     w_h,
     {"b_i": b_i, "b_h": b_h},
     initial_carry,
-    initial_carry if reset_carry is None else reset_carry,
+    reset_carry,
     valid,
     reset,
     recurrent_mask,
@@ -807,7 +809,7 @@ def mgu_sequence(
     w_h,
     {"b_i": b_i, "b_h": b_h},
     initial_carry,
-    initial_carry if reset_carry is None else reset_carry,
+    reset_carry,
     valid,
     reset,
     recurrent_mask,
@@ -845,7 +847,7 @@ def simple_sequence(
     w_h,
     {"b": b},
     initial_carry,
-    initial_carry if reset_carry is None else reset_carry,
+    reset_carry,
     valid,
     reset,
     recurrent_mask,

@@ -81,18 +81,22 @@ def scan_cell(
   if reverse:
     inputs = sequences.flip_tree(inputs, ids, axis=0)
 
-  result = None
-  if fused and remat is None:
-    result = _run_kernel(
-      cell,
+  def fused_kernel(inputs, carry, valid, reset):
+    """The cell's fused kernel from ``carry``, or None where it has none."""
+    return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
       inputs,
-      initial_carry,
-      reset_carry,
-      valid,
-      reset,
-      recurrent_mask,
+      carry,
       unroll,
+      reset_carry=reset_carry,
+      valid=valid,
+      reset=reset,
+      recurrent_mask=_resolve_mask(recurrent_mask),
     )
+
+  kernel = fused_kernel if fused else None
+  result = None
+  if kernel is not None and remat is None:
+    result = kernel(inputs, initial_carry, valid, reset)
   if result is None:
     result = _step_scan(
       cell,
@@ -104,7 +108,7 @@ def scan_cell(
       recurrent_mask,
       unroll,
       remat,
-      fused,
+      kernel,
     )
   final_carry, outputs = result
   if reverse and keep_order:
@@ -117,21 +121,6 @@ def _resolve_mask(recurrent_mask):
   return recurrent_mask() if callable(recurrent_mask) else recurrent_mask
 
 
-def _run_kernel(
-  cell, inputs, carry, reset_carry, valid, reset, recurrent_mask, unroll
-):
-  """The cell's fused kernel over ``inputs``, or ``None`` where it has none."""
-  return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-    inputs,
-    carry,
-    unroll,
-    reset_carry=reset_carry,
-    valid=valid,
-    reset=reset,
-    recurrent_mask=_resolve_mask(recurrent_mask),
-  )
-
-
 def _step_scan(
   cell,
   inputs,
@@ -142,12 +131,13 @@ def _step_scan(
   recurrent_mask,
   unroll,
   remat,
-  fused,
+  kernel,
 ):
   """The generic path: ``hk.scan`` over the cell's own step.
 
-  With ``remat="chunked"``, each chunk runs in the cell's fused kernel when
-  ``fused`` and the cell has one.
+  With ``remat="chunked"``, each chunk runs in ``kernel(inputs, carry,
+  valid, reset)`` (the cell's fused kernel, None when off) where it gives a
+  result.
   """
 
   def step(carry, step_inputs):
@@ -189,18 +179,9 @@ def _step_scan(
   def run_chunk(carry, chunk_inputs):
     # A chunk starts from the carry the previous one left; its packed
     # segments still restart from `reset_carry`.
-    if fused:
+    if kernel is not None:
       x, chunk_valid, chunk_reset = chunk_inputs
-      result = _run_kernel(
-        cell,
-        x,
-        carry,
-        reset_carry,
-        chunk_valid,
-        chunk_reset,
-        recurrent_mask,
-        unroll,
-      )
+      result = kernel(x, carry, chunk_valid, chunk_reset)
       if result is not None:
         return result
     return hk.scan(step, carry, chunk_inputs, unroll=unroll)
