@@ -200,14 +200,21 @@ def _gru_step(gx, gh, state, save):
   return (new_h,), new_h, residuals
 
 
-def _gru_backward(residuals, d_state):
-  input_coefficients, recurrent_coefficients, z = residuals
+def _interpolating_backward(residuals, d_state):
+  """The GRU's and the MGU's backward step.
+
+  Both end in ``h' = n + g (h - n)`` with a gate ``g`` (``z``, ``f``), and
+  their steps save ``(K_x, K_h, g)`` with ``d_gx = [dh', ...] ⊙ K_x`` and
+  ``d_gh = [dh', ...] ⊙ K_h``, one ``dh'`` per gate block.
+  """
+  input_coefficients, recurrent_coefficients, gate = residuals
   (d_h,) = d_state
-  d_h3 = _blocks(d_h, d_h, d_h)
+  blocks = input_coefficients.shape[-1] // d_h.shape[-1]
+  d_h_blocks = _blocks(*(d_h,) * blocks)
   return (
-    d_h3 * input_coefficients,
-    d_h3 * recurrent_coefficients,
-    (d_h * z,),
+    d_h_blocks * input_coefficients,
+    d_h_blocks * recurrent_coefficients,
+    (d_h * gate,),
   )
 
 
@@ -216,7 +223,7 @@ def _gru_backward(residuals, d_state):
 #   dn_pre = dh' (1-f)(1-n²);  df_pre = (dh' (h-n) + dn_pre gh_n) f(1-f);
 #   d_gx = [df_pre, dn_pre];  d_gh = [df_pre, dn_pre f];  dh (direct) = dh' f.
 # As for the GRU, the step saves K_x and K_h with d_gx = [dh']*2 ⊙ K_x and
-# d_gh = [dh']*2 ⊙ K_h.
+# d_gh = [dh']*2 ⊙ K_h, and shares its backward step.
 
 
 def _mgu_step(gx, gh, state, save):
@@ -236,13 +243,6 @@ def _mgu_step(gx, gh, state, save):
   return (new_h,), new_h, residuals
 
 
-def _mgu_backward(residuals, d_state):
-  input_coefficients, recurrent_coefficients, f = residuals
-  (d_h,) = d_state
-  d_h2 = _blocks(d_h, d_h)
-  return d_h2 * input_coefficients, d_h2 * recurrent_coefficients, (d_h * f,)
-
-
 # Simple: h' = tanh(gx + gh), d_gx = dh' (1 - h'²).
 
 
@@ -259,8 +259,12 @@ def _simple_backward(residuals, d_state):
 
 
 _LSTM = _Cell(_lstm_step, _lstm_backward)
-_GRU = _Cell(_gru_step, _gru_backward, separate_recurrent_cotangent=True)
-_MGU = _Cell(_mgu_step, _mgu_backward, separate_recurrent_cotangent=True)
+_GRU = _Cell(
+  _gru_step, _interpolating_backward, separate_recurrent_cotangent=True
+)
+_MGU = _Cell(
+  _mgu_step, _interpolating_backward, separate_recurrent_cotangent=True
+)
 _SIMPLE = _Cell(_simple_step, _simple_backward)
 
 
