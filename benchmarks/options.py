@@ -6,7 +6,8 @@ settings, interleaved in one process, medians over rounds, with XLA's
 compiled temporary memory:
 
 * ``remat``: ``remat=None`` (fused kernel, and ``fused=False`` step path)
-  against ``remat="step"`` and ``remat="chunked"``, on long sequences;
+  against ``remat="step"`` and ``remat="chunked"``, on long sequences, one
+  per row and packed (segments of 20 to 200 steps);
 * ``dropout``: the two ways of getting the recurrent dropout mask into each
   step (``dropout_sampling="once"`` and ``"per_step"``) on the step path,
   and ``"once"`` with the fused kernel, for LSTM and GRU at a few sizes.
@@ -41,37 +42,57 @@ def training_step(
   rnn_options: dict,
   *,
   dropout: bool = False,
+  packed: bool = False,
 ) -> tuple[Callable[[], object], int | None]:
-  """A compiled training step and its temporary memory, ready to time."""
+  """A compiled training step and its temporary memory, ready to time.
+
+  Rows hold one sequence of random length each, or with ``packed`` several
+  sequences of 20 to 200 steps (segment ids) filling the row.
+  """
   batch, time, inputs_size, features = shape
   cell_options = (
     dict(dropout_rate=0.1, recurrent_dropout_rate=0.25) if dropout else {}
   )
 
-  def forward(inputs, lengths):
+  def forward(inputs, mask):
     rnn = hk_rnn.RNN(CELLS[cell](features, **cell_options), **rnn_options)
-    return rnn(inputs, seq_lengths=lengths, is_training=dropout)
+    if packed:
+      return rnn(inputs, mask, is_training=dropout)
+    return rnn(inputs, seq_lengths=mask, is_training=dropout)
 
   model = hk.transform(forward)
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.normal(size=(batch, time, inputs_size)), jnp.float32)
-  lengths = jnp.asarray(rng.integers(time // 2, time + 1, size=batch))
+  if packed:
+    mask = jnp.asarray(_packed_ids(rng, batch, time))
+  else:
+    mask = jnp.asarray(rng.integers(time // 2, time + 1, size=batch))
   key = jax.random.PRNGKey(0)
-  params = model.init(key, inputs, lengths)
+  params = model.init(key, inputs, mask)
 
-  def loss(params, key, inputs, lengths):
-    carry, outputs = model.apply(params, key, inputs, lengths)
+  def loss(params, key, inputs, mask):
+    carry, outputs = model.apply(params, key, inputs, mask)
     return jnp.sum(outputs) + sum(
       jnp.sum(leaf) for leaf in jax.tree.leaves(carry)
     )
 
-  compiled = (
-    jax.jit(jax.grad(loss)).lower(params, key, inputs, lengths).compile()
-  )
+  compiled = jax.jit(jax.grad(loss)).lower(params, key, inputs, mask).compile()
   return (
-    lambda: jax.block_until_ready(compiled(params, key, inputs, lengths)),
+    lambda: jax.block_until_ready(compiled(params, key, inputs, mask)),
     timing.compiled_temp_bytes(compiled),
   )
+
+
+def _packed_ids(rng, batch: int, time: int) -> np.ndarray:
+  """Segment ids ``(batch, time)``: segments of 20 to 200 steps, no padding."""
+  ids = np.zeros((batch, time), np.int32)
+  for row in ids:
+    start, segment = 0, 1
+    while start < time:
+      length = int(rng.integers(20, 201))
+      row[start : start + length] = segment
+      start, segment = start + length, segment + 1
+  return ids
 
 
 def remat_study(quick: bool):
@@ -83,8 +104,8 @@ def remat_study(quick: bool):
   }
   times = (100, 300) if quick else (1000, 10000)
   for time in times:
-    shape = (16, time, 64, 128)
-    yield f"LSTM, T={time}", shape, variants, False
+    yield "lstm", (16, time, 64, 128), variants, {}
+  yield "lstm", (16, times[0], 64, 128), variants, {"packed": True}
 
 
 def dropout_study(quick: bool):
@@ -107,23 +128,24 @@ def dropout_study(quick: bool):
   )
   for cell in ("lstm", "gru"):
     for shape in shapes:
-      yield (cell, shape), shape, variants, True
+      yield cell, shape, variants, {"dropout": True}
 
 
 def run_study(study: str, rounds: int, iters: int, quick: bool, log):
   """Returns Markdown rows: one per variant per setting."""
   generate = {"remat": remat_study, "dropout": dropout_study}[study]
   lines = []
-  for setting, shape, variants, dropout in generate(quick):
-    cell = setting[0] if isinstance(setting, tuple) else "lstm"
+  for cell, shape, variants, step_options in generate(quick):
     title = (
       f"{cell.upper()} B={shape[0]} T={shape[1]} D={shape[2]} F={shape[3]}"
     )
+    if step_options.get("packed"):
+      title += ", packed rows"
     log(f"{title}: compiling {len(variants)} variants")
     runners, memory = {}, {}
     for name, options in variants.items():
       runners[name], memory[name] = training_step(
-        cell, shape, options, dropout=dropout
+        cell, shape, options, **step_options
       )
     results = timing.time_interleaved(
       runners, rounds=rounds, iters=iters, log=log

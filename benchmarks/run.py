@@ -1,11 +1,13 @@
 r"""Times recurrent training steps of hk_rnn and its peers side by side.
 
 Every contender installed (hk_rnn with its fused kernels, and with
-``fused=False``, a plain ``hk.scan`` of the cell; Flax ``nn.RNN`` with
-``LSTMCell``, ``OptimizedLSTMCell`` or ``GRUCell``; Haiku
+``fused=False``, a plain ``hk.scan`` of the cell; in masked cases also
+hk_rnn given no lengths, the cost of masking; Flax ``nn.RNN`` with
+``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell`` or ``MGUCell``; Haiku
 ``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
 ``nn.LSTM``/``nn.GRU``, with ``pack_padded_sequence`` where rows have
-lengths) runs the same case in one process. A training step is a jitted forward and backward pass of
+lengths) runs the same case in one process. A training step is a jitted
+forward and backward pass of
 ``loss = Σ outputs + Σ final carry`` with respect to the parameters;
 inference is the forward pass alone. Rounds interleave the contenders (the
 order rotates each round), each block starts with an untimed warm-up call,
@@ -57,7 +59,7 @@ class Case:
 
   name: str
   title: str
-  cell: str  # "lstm" or "gru"
+  cell: str  # "lstm", "gru" or "mgu"
   batch: int = 32
   time: int = 64
   inputs: int = 128
@@ -68,7 +70,7 @@ class Case:
 
   @property
   def blocks(self) -> int:
-    return {"lstm": 4, "gru": 3}[self.cell]
+    return {"lstm": 4, "gru": 3, "mgu": 2}[self.cell]
 
   @property
   def gemm_flops(self) -> float:
@@ -85,6 +87,7 @@ CASES = {
   for case in (
     Case("lstm", "LSTM training step", "lstm"),
     Case("gru", "GRU training step", "gru"),
+    Case("mgu", "MGU training step", "mgu"),
     Case("masked_lstm", "LSTM, random lengths", "lstm", masked=True),
     Case(
       "masked_bilstm",
@@ -191,7 +194,11 @@ def _hk_rnn(use_fused: bool, masked: bool = True):
       if not case.masked:
         return None
       case = dataclasses.replace(case, masked=False)
-    cell_class = {"lstm": hk_rnn.LSTMCell, "gru": hk_rnn.GRUCell}[case.cell]
+    cell_class = {
+      "lstm": hk_rnn.LSTMCell,
+      "gru": hk_rnn.GRUCell,
+      "mgu": hk_rnn.MGUCell,
+    }[case.cell]
 
     def build(x, n):
       def layer():
@@ -207,13 +214,22 @@ def _hk_rnn(use_fused: bool, masked: bool = True):
   return runner
 
 
+# The case cell each Flax cell computes.
+_FLAX_CELLS = {
+  "LSTMCell": "lstm",
+  "OptimizedLSTMCell": "lstm",
+  "GRUCell": "gru",
+  "MGUCell": "mgu",
+}
+
+
 def _flax(cell_name: str):
   def runner(case: Case, inputs, lengths) -> Runner | None:
     import flax.linen as nn
     import jax
 
     cell_class = getattr(nn, cell_name)
-    if (case.cell == "gru") != (cell_name == "GRUCell"):
+    if _FLAX_CELLS[cell_name] != case.cell:
       return None
     make = lambda: nn.RNN(cell_class(features=case.features))  # noqa: E731
     if case.bidirectional:
@@ -239,12 +255,13 @@ def haiku_dynamic_unroll(case: Case, inputs, lengths) -> Runner | None:
   import haiku as hk
   import jax.numpy as jnp
 
-  if case.masked:
+  cores = {"lstm": hk.LSTM, "gru": hk.GRU}
+  if case.masked or case.cell not in cores:
     return None
 
   def build(x, n):
     del n
-    core = {"lstm": hk.LSTM, "gru": hk.GRU}[case.cell](case.features)
+    core = cores[case.cell](case.features)
     outputs, state = hk.dynamic_unroll(
       core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0])
     )
@@ -305,6 +322,8 @@ def _torch_step(case: Case, inputs, lengths):
 
 
 def torch_module(case: Case, inputs, lengths) -> Runner | None:
+  if case.cell not in ("lstm", "gru"):  # PyTorch has no MGU
+    return None
   return Runner(_torch_step(case, inputs, lengths))
 
 
@@ -379,6 +398,7 @@ CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
   "flax_lstm": ("flax", _flax("LSTMCell")),
   "flax_optimized_lstm": ("flax", _flax("OptimizedLSTMCell")),
   "flax_gru": ("flax", _flax("GRUCell")),
+  "flax_mgu": ("flax", _flax("MGUCell")),
   "haiku_unroll": ("haiku", haiku_dynamic_unroll),
   "torch": ("torch", torch_module),
 }

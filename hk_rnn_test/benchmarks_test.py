@@ -3,9 +3,10 @@
 import os
 import tempfile
 
+import numpy as np
 from absl.testing import absltest
 
-from benchmarks import run
+from benchmarks import options, run
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
@@ -34,6 +35,24 @@ class BenchmarkHarnessTest(absltest.TestCase):
     case = run._tiny(run.CASES["lstm"])
     build = run.CONTENDERS["hk_rnn_unmasked"][1]
     self.assertIsNone(build(case, *run.make_data(case)))
+
+  def test_tiny_mgu_case_runs_against_flax_only(self):
+    case = run._tiny(run.CASES["mgu"])
+    data = run.make_data(case)
+    self.assertIsNone(run.CONTENDERS["torch"][1](case, *data))
+    self.assertIsNone(run.CONTENDERS["haiku_unroll"][1](case, *data))
+    for name in ("hk_rnn", "flax_mgu"):
+      run.CONTENDERS[name][1](case, *data).run()
+
+  def test_remat_study_packed_rows_fill_every_row(self):
+    ids = options._packed_ids(np.random.default_rng(0), 3, 500)
+    self.assertTrue(np.all(ids > 0))
+    self.assertTrue(np.all(np.diff(ids, axis=1) >= 0))
+    step, memory = options.training_step(
+      "lstm", (2, 50, 3, 4), {"remat": "chunked"}, packed=True
+    )
+    step()
+    self.assertGreater(memory, 0)
 
   def test_unknown_case_is_an_error_naming_the_flag(self):
     with self.assertRaises(SystemExit):
