@@ -2,7 +2,9 @@
 
 Cells run one step; :class:`RNN` scans a cell over padded or packed
 sequences; :class:`Bidirectional` runs two RNNs in opposite directions;
-:func:`flip_sequences` reverses sequences in place.
+:func:`flip_sequences` reverses sequences in place; :func:`pack_sequences`
+packs variable-length sequences into rows and :func:`unpack_sequences` /
+:func:`unpack_segments` read each one's outputs and carry back.
 """
 
 from hk_rnn._src.bidirectional import Bidirectional
@@ -13,6 +15,12 @@ from hk_rnn._src.cells import (
   MGUCell,
   RNNCellBase,
   SimpleCell,
+)
+from hk_rnn._src.packing import (
+  PackedSequences,
+  pack_sequences,
+  unpack_segments,
+  unpack_sequences,
 )
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
@@ -27,9 +35,13 @@ __all__ = (
   "GRUCell",
   "LSTMCell",
   "MGUCell",
+  "PackedSequences",
   "RNNCellBase",
   "SimpleCell",
   "StackedRNN",
   "flip_sequences",
   "last_segment_ids",
+  "pack_sequences",
+  "unpack_segments",
+  "unpack_sequences",
 )

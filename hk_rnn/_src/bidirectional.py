@@ -45,7 +45,18 @@ class Bidirectional(hk.Module):
 
   The forward carry is the one after each row's last valid step; the
   backward carry the one after the row's last segment has been read back to
-  its first step. Padded steps output zeros from both directions.
+  its first step. Padded steps output zeros from both directions. With
+  ``max_segments`` both are per segment (see :class:`RNN`).
+
+  ``Bidirectional`` decides the layout and the directions: it passes its
+  ``time_major`` to both RNNs, runs ``forward_rnn`` forward and
+  ``backward_rnn`` reversed with its outputs in input order, and always
+  reads both carries. An inner RNN built with a setting that would then be
+  silently dropped — ``time_major=True`` while ``Bidirectional`` has
+  ``time_major=False``, ``reverse=True`` on ``forward_rnn``, or
+  ``return_carry=False`` — is rejected with a ``ValueError`` saying where
+  the setting belongs. Everything else of each RNN (``unroll``, ``fused``,
+  ``remat``, its cell) applies as set.
   """
 
   def __init__(
@@ -81,6 +92,29 @@ class Bidirectional(hk.Module):
           f"Bidirectional: {argument} must be an hk_rnn.RNN, got "
           f"{type(value).__name__}"
         )
+    for argument, rnn in (
+      ("forward_rnn", forward_rnn),
+      ("backward_rnn", backward_rnn),
+    ):
+      if rnn.time_major and not time_major:
+        raise ValueError(
+          f"Bidirectional: {argument} has time_major=True, which "
+          "Bidirectional decides for both directions; pass "
+          "time_major=True to Bidirectional instead (got "
+          "Bidirectional(time_major=False))"
+        )
+      if not rnn.return_carry:
+        raise ValueError(
+          f"Bidirectional: {argument} has return_carry=False, which "
+          "Bidirectional ignores (it reads both carries); pass "
+          "return_carry=False to Bidirectional instead"
+        )
+    if forward_rnn.reverse:
+      raise ValueError(
+        "Bidirectional: forward_rnn has reverse=True, but Bidirectional runs "
+        "it in input order; build it with reverse=False (backward_rnn is "
+        "the one run reversed)"
+      )
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn or concatenate_features
@@ -97,10 +131,15 @@ class Bidirectional(hk.Module):
     return_carry: bool | None = None,
     time_major: bool | None = None,
     is_training: bool = False,
+    max_segments: int | None = None,
   ):
     """Runs both directions; arguments as for :class:`RNN`.
 
-    ``initial_carry``, when given, is a ``(forward, backward)`` pair.
+    ``initial_carry``, when given, is a ``(forward, backward)`` pair. With
+    ``max_segments`` K each carry is per segment, ``(*batch, K, ...)``:
+    slot k of the forward carry holds the carry after the row's k-th segment,
+    and of the backward carry the carry after that segment has been read
+    back to its first step.
 
     Returns:
       ``((forward_carry, backward_carry), outputs)``, or ``outputs`` alone
@@ -123,7 +162,7 @@ class Bidirectional(hk.Module):
       layout = rnn_lib.Layout.of(
         inputs, rnn.cell.num_feature_axes, time_major, "Bidirectional"
       )
-    sequences.segment_ids(
+    ids = sequences.segment_ids(
       segmentation_mask,
       seq_lengths,
       batch_shape=layout.batch_shape,
@@ -131,11 +170,17 @@ class Bidirectional(hk.Module):
       time_major=time_major,
       context="Bidirectional",
     )
+    max_segments = sequences.check_max_segments(max_segments, "Bidirectional")
+    if max_segments is not None and segmentation_mask is not None:
+      sequences.check_segment_count(
+        ids, max_segments, time_major=time_major, context="Bidirectional"
+      )
     options = dict(
       seq_lengths=seq_lengths,
       return_carry=True,
       time_major=time_major,
       is_training=is_training,
+      max_segments=max_segments,
     )
     forward_carry, forward_outputs = self.forward_rnn(
       inputs,

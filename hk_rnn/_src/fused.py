@@ -297,14 +297,17 @@ def _forward_scan(
   reset,
   mask,
   save,
+  emit,
 ):
   """Runs the recurrence over the projected inputs (see the module doc).
 
   With ``save``, each step's first residual (shaped like its ``gx``)
   overwrites ``gx`` in the ``projected`` buffer, which the scan carries:
   XLA updates a carried buffer in place, so the residuals need no second
-  ``(T, B, G*F)`` array. Returns ``(final_state, outputs)``, or with
-  ``save`` ``(final_state, (outputs, residuals, h_in))``.
+  ``(T, B, G*F)`` array. Returns ``(final_state, (outputs, emitted))``, or
+  with ``save`` ``(final_state, (outputs, emitted, residuals, h_in))``.
+  ``emitted`` holds, with ``emit``, every state array but ``h`` after each
+  step, ``(T, B, F)`` each (``h`` is the output); else it is ``()``.
   """
 
   def step(state, gx, valid_t, reset_t):
@@ -318,13 +321,14 @@ def _forward_scan(
     if valid_t is not None:
       new_state = _select(valid_t, new_state, state)
       output = jnp.where(valid_t[:, None], output, 0)
-    return new_state, output, residuals, h_in
+    emitted = new_state[:-1] if emit else ()
+    return new_state, (output, emitted), residuals, h_in
 
   if not save:
 
     def body(state, step_inputs):
-      new_state, output, _, _ = step(state, *step_inputs)
-      return new_state, output
+      new_state, outputs, _, _ = step(state, *step_inputs)
+      return new_state, outputs
 
     return lax.scan(
       body, initial_state, (projected, valid, reset), unroll=unroll
@@ -334,28 +338,29 @@ def _forward_scan(
     state, buffer = carry
     index, valid_t, reset_t = step_inputs
     gx = lax.dynamic_index_in_dim(buffer, index, keepdims=False)
-    new_state, output, (first, *rest), h_in = step(state, gx, valid_t, reset_t)
+    new_state, outputs, (first, *rest), h_in = step(state, gx, valid_t, reset_t)
     buffer = lax.dynamic_update_index_in_dim(buffer, first, index, 0)
-    return (new_state, buffer), (output, tuple(rest), h_in)
+    return (new_state, buffer), (*outputs, tuple(rest), h_in)
 
   steps = jnp.arange(projected.shape[0])
-  (final_state, buffer), (outputs, rest, h_in) = lax.scan(
+  (final_state, buffer), (outputs, emitted, rest, h_in) = lax.scan(
     saving_body,
     (initial_state, projected),
     (steps, valid, reset),
     unroll=unroll,
   )
-  return final_state, (outputs, (buffer, *rest), h_in)
+  return final_state, (outputs, emitted, (buffer, *rest), h_in)
 
 
 def _cast_all(arrays, dtype):
   return tuple(a.astype(dtype) for a in arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _sequence(
   cell,
   unroll,
+  emit,
   inputs,
   w_i,
   w_h,
@@ -370,11 +375,13 @@ def _sequence(
   """The fused recurrence; ``b_h`` is ``None`` for single-bias cells.
 
   Rows start from ``initial_state``, and every later segment of a packed row
-  (``reset``) from ``reset_state``.
+  (``reset``) from ``reset_state``. Returns ``(final_state, outputs,
+  emitted)``: with ``emit``, ``emitted`` holds the state arrays but ``h``
+  after every step (see ``_forward_scan``), else ``()``.
   """
   dtype = inputs.dtype
   _, projected = _prepare(inputs, w_i, valid)
-  final_state, outputs = _forward_scan(
+  final_state, (outputs, emitted) = _forward_scan(
     cell,
     unroll,
     projected,
@@ -387,13 +394,15 @@ def _sequence(
     reset,
     None if mask is None else mask.astype(dtype),
     save=False,
+    emit=emit,
   )
-  return final_state, outputs
+  return final_state, outputs, emitted
 
 
 def _sequence_forward(
   cell,
   unroll,
+  emit,
   inputs,
   w_i,
   w_h,
@@ -408,7 +417,7 @@ def _sequence_forward(
   dtype = inputs.dtype
   clean_inputs, projected = _prepare(inputs, w_i, valid)
   mask_c = None if mask is None else mask.astype(dtype)
-  final_state, (outputs, residuals, h_in) = _forward_scan(
+  final_state, (outputs, emitted, residuals, h_in) = _forward_scan(
     cell,
     unroll,
     projected,
@@ -421,6 +430,7 @@ def _sequence_forward(
     reset,
     mask_c,
     save=True,
+    emit=emit,
   )
   saved = (
     clean_inputs,
@@ -436,10 +446,10 @@ def _sequence_forward(
     reset,
     mask_c,
   )
-  return (final_state, outputs), saved
+  return (final_state, outputs, emitted), saved
 
 
-def _sequence_backward(cell, unroll, saved, cotangents):
+def _sequence_backward(cell, unroll, emit, saved, cotangents):
   (
     inputs,
     residuals,
@@ -454,7 +464,7 @@ def _sequence_backward(cell, unroll, saved, cotangents):
     reset,
     mask,
   ) = saved
-  d_final_state, d_outputs = cotangents
+  d_final_state, d_outputs, d_emitted = cotangents
   dtype = inputs.dtype
   w_h_transposed = w_h.astype(dtype).T
   d_final_state = _cast_all(d_final_state, dtype)
@@ -467,7 +477,16 @@ def _sequence_backward(cell, unroll, saved, cotangents):
 
   def body(carry, step_inputs):
     d_state, d_initial, buffers = carry
-    index, rest_t, d_output, valid_t, reset_t = step_inputs
+    index, rest_t, d_output, d_emitted_t, valid_t, reset_t = step_inputs
+    if emit:
+      # An emitted state is the state after this step, kept or not.
+      d_state = (
+        *(
+          a + b.astype(dtype)
+          for a, b in zip(d_state[:-1], d_emitted_t, strict=True)
+        ),
+        d_state[-1],
+      )
     residuals_t = (
       *(lax.dynamic_index_in_dim(b, index, keepdims=False) for b in buffers),
       *rest_t,
@@ -506,7 +525,14 @@ def _sequence_backward(cell, unroll, saved, cotangents):
   (d_state, d_initial, (d_gx, *d_gh)), _ = lax.scan(
     body,
     (d_final_state, d_initial, buffers),
-    (jnp.arange(d_outputs.shape[0]), rest, d_outputs, valid, reset),
+    (
+      jnp.arange(d_outputs.shape[0]),
+      rest,
+      d_outputs,
+      d_emitted if emit else None,
+      valid,
+      reset,
+    ),
     reverse=True,
     unroll=unroll,
   )
@@ -594,6 +620,7 @@ def lstm_sequence(
   recurrent_mask: Array | None = None,
   unroll: int = 1,
   allow_cudnn: bool = True,
+  return_step_carries: bool = False,
 ) -> tuple[tuple[Array, Array], Array]:
   r"""Runs an LSTM over a whole sequence with a fused VJP.
 
@@ -635,10 +662,15 @@ def lstm_sequence(
       where it computes the same thing: no ``reset``, no ``recurrent_mask``,
       float32 throughout, padding only at the end of rows. cuDNN's op has no
       batching rule: pass False to use this inside ``jax.vmap`` on GPU.
+    return_step_carries: also return the carry after every step.
 
   Returns:
     ``((c, h), outputs)``: the carry after each row's last valid step and
-    the ``(T, B, F)`` outputs, zero at padded steps.
+    the ``(T, B, F)`` outputs, zero at padded steps. With
+    ``return_step_carries``, ``((c, h), outputs, (c_steps, h_steps))`` with
+    ``(T, B, F)`` step carries; ``h_steps`` is ``outputs``, so it is 0
+    rather than ``h`` at padded steps: only the ``c`` sequence costs extra
+    memory.
   """
   initial_carry = tuple(initial_carry)
   reset_carry = initial_carry if reset_carry is None else tuple(reset_carry)
@@ -655,13 +687,18 @@ def lstm_sequence(
     reset=reset,
     recurrent_mask=recurrent_mask,
   )
-  if allow_cudnn and _cudnn_supports(
-    inputs, w_i, w_h, b, initial_carry, reset, recurrent_mask, _platform()
+  if (
+    allow_cudnn
+    and not return_step_carries
+    and _cudnn_supports(
+      inputs, w_i, w_h, b, initial_carry, reset, recurrent_mask, _platform()
+    )
   ):
     return cudnn_lstm(inputs, w_i, w_h, b, initial_carry, valid=valid)
-  return _sequence(
+  final, outputs, emitted = _sequence(
     _LSTM,
     unroll,
+    return_step_carries,
     inputs,
     w_i,
     w_h,
@@ -673,6 +710,10 @@ def lstm_sequence(
     _as_bool(reset),
     recurrent_mask,
   )
+  if not return_step_carries:
+    return final, outputs
+  (c_steps,) = emitted
+  return final, outputs, (c_steps, outputs)
 
 
 def _single_carry_sequence(
@@ -689,11 +730,14 @@ def _single_carry_sequence(
   reset,
   mask,
   unroll,
+  return_step_carries,
 ):
   """Checks and runs a kernel of ``blocks`` gate blocks whose carry is ``h``.
 
   ``biases`` maps argument names to arrays: ``b`` alone, or ``b_i`` then
-  ``b_h``. ``reset_carry`` None means ``initial_carry``.
+  ``b_h``. ``reset_carry`` None means ``initial_carry``. With
+  ``return_step_carries`` the outputs double as the carry after every step
+  (0 rather than ``h`` at padded steps), at no extra memory.
   """
   if reset_carry is None:
     reset_carry = initial_carry
@@ -711,9 +755,10 @@ def _single_carry_sequence(
     recurrent_mask=mask,
   )
   b_i, b_h = (*biases.values(), None)[:2]
-  (h,), outputs = _sequence(
+  (h,), outputs, _ = _sequence(
     cell,
     unroll,
+    False,
     inputs,
     w_i,
     w_h,
@@ -725,6 +770,8 @@ def _single_carry_sequence(
     _as_bool(reset),
     mask,
   )
+  if return_step_carries:
+    return h, outputs, outputs
   return h, outputs
 
 
@@ -741,6 +788,7 @@ def gru_sequence(
   reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
+  return_step_carries: bool = False,
 ) -> tuple[Array, Array]:
   r"""Runs a GRU over a whole sequence with a fused VJP.
 
@@ -756,7 +804,8 @@ def gru_sequence(
   ``b_i (3F,)``, ``b_h (3F,)`` in blocks r, z, n and the carry ``h (B, F)``.
 
   Returns:
-    ``(h, outputs)``.
+    ``(h, outputs)``; with ``return_step_carries``, ``(h, outputs,
+    outputs)``: the outputs are the carry after every step (0 at padding).
   """
   return _single_carry_sequence(
     "gru_sequence",
@@ -772,6 +821,7 @@ def gru_sequence(
     reset,
     recurrent_mask,
     unroll,
+    return_step_carries,
   )
 
 
@@ -788,6 +838,7 @@ def mgu_sequence(
   reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
+  return_step_carries: bool = False,
 ) -> tuple[Array, Array]:
   r"""Runs a minimal gated unit over a whole sequence with a fused VJP.
 
@@ -802,7 +853,7 @@ def mgu_sequence(
   ``b_i (2F,)``, ``b_h (2F,)`` in blocks f, n.
 
   Returns:
-    ``(h, outputs)``.
+    ``(h, outputs)``, as :func:`gru_sequence`.
   """
   return _single_carry_sequence(
     "mgu_sequence",
@@ -818,6 +869,7 @@ def mgu_sequence(
     reset,
     recurrent_mask,
     unroll,
+    return_step_carries,
   )
 
 
@@ -833,6 +885,7 @@ def simple_sequence(
   reset_carry: Array | None = None,
   recurrent_mask: Array | None = None,
   unroll: int = 1,
+  return_step_carries: bool = False,
 ) -> tuple[Array, Array]:
   r"""Runs an Elman RNN, :math:`h' = \tanh(x_t W_i + h_{in} W_h + b)`, fused.
 
@@ -840,7 +893,7 @@ def simple_sequence(
   ``b (F,)`` and the carry ``h (B, F)``.
 
   Returns:
-    ``(h, outputs)``.
+    ``(h, outputs)``, as :func:`gru_sequence`.
   """
   return _single_carry_sequence(
     "simple_sequence",
@@ -856,6 +909,7 @@ def simple_sequence(
     reset,
     recurrent_mask,
     unroll,
+    return_step_carries,
   )
 
 

@@ -46,6 +46,7 @@ def scan_cell(
   remat: str | None = None,
   reset_carry: Carry | None = None,
   continued: Array | None = None,
+  max_segments: int | None = None,
 ) -> tuple[Carry, Any]:
   """Runs ``cell`` over time-major ``inputs (time, batch, *features)``.
 
@@ -66,8 +67,17 @@ def scan_cell(
   ``recurrent_mask`` is a mask, or a function sampling it inside each step.
   ``remat`` recomputes activations in the backward pass: per step, or per
   chunk of about sqrt(time) steps.
+
+  With ``max_segments`` K, the returned carry is per segment, every leaf
+  ``(batch, K, ...)``: slot k holds the carry after the row's k-th segment
+  (by position), read from the carries after every step at the step that
+  ends the segment (the same step in either direction, see
+  ``sequences.segment_end_steps``); empty slots hold ``initial_carry``.
+  Only packed rows need those per-step carries (one extra carry per step,
+  less what the outputs already hold); otherwise slot 0 is the final carry.
   """
   reset_carry = initial_carry if reset_carry is None else reset_carry
+  step_carries = max_segments is not None and packed
   valid = reset = None
   if ids is not None:
     valid = ids != 0
@@ -82,8 +92,13 @@ def scan_cell(
     inputs = sequences.flip_tree(inputs, ids, axis=0)
 
   def fused_kernel(inputs, carry, valid, reset):
-    """The cell's fused kernel from ``carry``, or None where it has none."""
-    return cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
+    """The cell's fused kernel from ``carry``, or None where it has none.
+
+    Returns ``(final_carry, outputs)``, or with ``step_carries``
+    ``(final_carry, (outputs, carries after every step))``.
+    """
+    options = {"return_step_carries": True} if step_carries else {}
+    result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
       inputs,
       carry,
       unroll,
@@ -91,7 +106,12 @@ def scan_cell(
       valid=valid,
       reset=reset,
       recurrent_mask=_resolve_mask(recurrent_mask),
+      **options,
     )
+    if result is None or not step_carries:
+      return result
+    final_carry, outputs, carries = result
+    return final_carry, (outputs, carries)
 
   kernel = fused_kernel if fused else None
   result = None
@@ -109,11 +129,48 @@ def scan_cell(
       unroll,
       remat,
       kernel,
+      step_carries,
     )
   final_carry, outputs = result
+  if step_carries:
+    outputs, carries = outputs
+    final_carry = _segment_carries(carries, ids, initial_carry, max_segments)
+  elif max_segments is not None:
+    final_carry = _one_segment_carries(final_carry, initial_carry, max_segments)
   if reverse and keep_order:
     outputs = sequences.flip_tree(outputs, ids, axis=0)
   return final_carry, outputs
+
+
+def _segment_carries(carries, ids, initial_carry, max_segments):
+  """Each row's carry after each of its segments, ``(batch, K, ...)``.
+
+  ``carries`` holds the carry after every step, leaves ``(time, batch,
+  ...)``; slots with no segment take ``initial_carry``.
+  """
+  ends = sequences.segment_end_steps(ids, max_segments)
+  rows = jnp.arange(ends.shape[0])[:, None]
+  present = ends >= 0
+
+  def gather(leaf, initial):
+    picked = leaf[jnp.maximum(ends, 0), rows]
+    where = present.reshape(present.shape + (1,) * (picked.ndim - 2))
+    return jnp.where(where, picked, initial[:, None].astype(picked.dtype))
+
+  return jax.tree.map(gather, carries, initial_carry)
+
+
+def _one_segment_carries(final_carry, initial_carry, max_segments):
+  """Per-segment carries of rows that hold one segment: it is slot 0."""
+
+  def expand(final, initial):
+    rest = jnp.broadcast_to(
+      initial[:, None].astype(final.dtype),
+      (initial.shape[0], max_segments - 1, *initial.shape[1:]),
+    )
+    return jnp.concatenate([final[:, None], rest], axis=1)
+
+  return jax.tree.map(expand, final_carry, initial_carry)
 
 
 def _resolve_mask(recurrent_mask):
@@ -132,12 +189,14 @@ def _step_scan(
   unroll,
   remat,
   kernel,
+  step_carries,
 ):
   """The generic path: ``hk.scan`` over the cell's own step.
 
   With ``remat="chunked"``, each chunk runs in ``kernel(inputs, carry,
   valid, reset)`` (the cell's fused kernel, None when off) where it gives a
-  result.
+  result. With ``step_carries`` the outputs are ``(outputs, carries after
+  every step)``.
   """
 
   def step(carry, step_inputs):
@@ -153,7 +212,7 @@ def _step_scan(
       outputs = _select_rows(
         is_valid, outputs, jax.tree.map(jnp.zeros_like, outputs)
       )
-    return new_carry, outputs
+    return new_carry, ((outputs, new_carry) if step_carries else outputs)
 
   if remat == "step":
     step = hk.remat(step)
@@ -331,6 +390,7 @@ class RNN(hk.Module):
     keep_order: bool | None = None,
     is_training: bool = False,
     initial_segment_ids: Array | None = None,
+    max_segments: int | None = None,
   ):
     """Runs the cell over ``inputs``.
 
@@ -352,11 +412,21 @@ class RNN(hk.Module):
         first segment continues from ``initial_carry`` when its id matches;
         every other segment starts from the cell's own initial carry. Not
         with ``reverse``.
+      max_segments: return the carry of every segment instead of each row's
+        last: with an int K every leaf of the returned carry gains an axis
+        of size K after the batch axes, ``(*batch, K, ...)``. Slot k holds
+        the carry after the row's k-th segment by position (0-based; with
+        ``reverse``, after it has been read back to its first step); slots
+        past a row's segments hold ``initial_carry``. With ``seq_lengths``
+        or no mask a row is one segment (slot 0). A concrete mask with more
+        segments in a row than K is an error; under ``jit`` the extra
+        segments are left out.
 
     Returns:
       ``(final_carry, outputs)``, or ``outputs`` alone without
       ``return_carry``. ``outputs`` is laid out like ``inputs`` with the
-      cell's output features.
+      cell's output features; ``final_carry`` is per segment with
+      ``max_segments``.
     """
     return_carry = self.return_carry if return_carry is None else return_carry
     time_major = self.time_major if time_major is None else time_major
@@ -371,6 +441,11 @@ class RNN(hk.Module):
       time_major=time_major,
       context="RNN",
     )
+    max_segments = sequences.check_max_segments(max_segments, "RNN")
+    if max_segments is not None and segmentation_mask is not None:
+      sequences.check_segment_count(
+        ids, max_segments, time_major=time_major, context="RNN"
+      )
     packed = segmentation_mask is not None and sequences.has_packed_rows(
       segmentation_mask, axis=layout.time_axis
     )
@@ -410,6 +485,7 @@ class RNN(hk.Module):
       remat=self.remat,
       reset_carry=reset_carry,
       continued=continued,
+      max_segments=max_segments,
     )
     outputs = layout.from_scan(outputs)
     if not return_carry:

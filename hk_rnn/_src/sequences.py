@@ -168,6 +168,75 @@ def segment_starts(ids: Array, axis: int) -> Array:
   return jnp.moveaxis(starts, -1, axis)
 
 
+def check_max_segments(max_segments: Any, context: str) -> int | None:
+  """Validates a ``max_segments`` argument: None or a positive int."""
+  if max_segments is None:
+    return None
+  if (
+    isinstance(max_segments, (bool, np.bool_))
+    or not isinstance(max_segments, (int, np.integer))
+    or max_segments < 1
+  ):
+    raise ValueError(
+      f"{context}: max_segments must be a positive int or None, got "
+      f"{max_segments!r}"
+    )
+  return int(max_segments)
+
+
+def check_segment_count(
+  ids: Array | None, max_segments: int, *, time_major: bool, context: str
+) -> None:
+  """Raises when a concrete row holds more than ``max_segments`` segments."""
+  if ids is None or not is_concrete(ids):
+    return
+  rows = np.asarray(ids)
+  rows = np.moveaxis(rows, 0, -1) if time_major else rows
+  valid = rows != 0
+  starts = valid.copy()
+  starts[..., 1:] &= rows[..., 1:] != rows[..., :-1]
+  counts = starts.sum(-1)
+  if (counts > max_segments).any():
+    row = tuple(int(i) for i in np.argwhere(counts > max_segments)[0])
+    raise ValueError(
+      f"{context}: segmentation_mask must hold at most max_segments = "
+      f"{max_segments} segments per row; got {int(counts[row])} in row "
+      f"{row} = {rows[row].tolist()}"
+    )
+
+
+def segment_end_steps(ids: Array, max_segments: int) -> Array:
+  """The last step of each row's k-th segment, or -1 where there is none.
+
+  ``ids`` is time-major, ``(time, batch)``; the result is ``(batch,
+  max_segments)`` int32. Segments beyond the ``max_segments``-th are left
+  out. A flip of each segment in place keeps every segment's span, so the
+  same steps end the segments of the flipped (reversed) sequences.
+
+  >>> import jax.numpy as jnp
+  >>> ids = jnp.array([[1, 1, 2, 0], [5, 5, 5, 5]]).T   # (time, batch)
+  >>> segment_end_steps(ids, 3)
+  Array([[ 1,  2, -1],
+         [ 3, -1, -1]], dtype=int32)
+  """
+  time, batch = ids.shape
+  ordinal = jnp.cumsum(segment_starts(ids, axis=0), axis=0, dtype=jnp.int32)
+  following = jnp.concatenate([ids[1:], jnp.zeros_like(ids[:1])])
+  ends = (ids != 0) & (ids != following)
+  # Steps that end no segment, and segments past the last slot, land on the
+  # out-of-range slot ``max_segments`` and are dropped.
+  slots = jnp.where(ends, ordinal - 1, max_segments)
+  steps = jnp.broadcast_to(
+    jnp.arange(time, dtype=jnp.int32)[:, None], ids.shape
+  )
+  rows = jnp.broadcast_to(jnp.arange(batch)[None, :], ids.shape)
+  return (
+    jnp.full((batch, max_segments), -1, jnp.int32)
+    .at[rows, slots]
+    .max(steps, mode="drop")
+  )
+
+
 def has_packed_rows(ids: Array | None, axis: int) -> bool:
   """Whether some row may hold several segments (True when unknowable)."""
   if ids is None:

@@ -75,6 +75,20 @@ class StackedRNN(hk.Module):
           f"StackedRNN: layers[{index}] must be an hk_rnn.RNN or "
           f"hk_rnn.Bidirectional, got {type(layer).__name__}"
         )
+    for index, layer in enumerate(layers):
+      if not layer.return_carry:
+        raise ValueError(
+          f"StackedRNN: layers[{index}] has return_carry=False, which "
+          "StackedRNN ignores (it returns every layer's carry); pass "
+          "return_carry=False to the StackedRNN call instead"
+        )
+      if layer.time_major != layers[0].time_major:
+        raise ValueError(
+          f"StackedRNN: every layer must share one layout, but layers[0] has "
+          f"time_major={layers[0].time_major} and layers[{index}] has "
+          f"time_major={layer.time_major}; set it alike on every layer (or "
+          "pass time_major= to the StackedRNN call)"
+        )
     self.layers = layers
     self.dropout_rate = dropout.check_rate(
       dropout_rate, "dropout_rate", "StackedRNN"
@@ -91,11 +105,24 @@ class StackedRNN(hk.Module):
     return_carry: bool = True,
     time_major: bool | None = None,
     is_training: bool = False,
+    initial_segment_ids: Array | None = None,
+    max_segments: int | None = None,
   ):
     """Runs every layer; arguments as for :class:`RNN`.
 
     ``initial_carry``, when given, holds one entry per layer (``None`` for
     a layer's own initial carry; a ``(forward, backward)`` pair for a
+    ``Bidirectional`` layer).
+
+    ``initial_segment_ids`` streams packed rows through the stack chunk by
+    chunk, as for :class:`RNN`: pass the previous chunk's carries as
+    ``initial_carry`` and ``hk_rnn.last_segment_ids`` of its mask; each
+    layer's carry then continues the segment it belongs to, and every other
+    segment starts afresh. Every layer must be a forward ``RNN`` (a
+    reversed or bidirectional layer cannot be streamed).
+
+    With ``max_segments`` each layer's carry is per segment, as for
+    :class:`RNN` (a ``(forward, backward)`` pair of them for a
     ``Bidirectional`` layer).
 
     Returns:
@@ -109,6 +136,19 @@ class StackedRNN(hk.Module):
         f"StackedRNN: initial_carry must hold one entry per layer, "
         f"{len(self.layers)}; got {len(initial_carry)}"
       )
+    max_segments = sequences.check_max_segments(max_segments, "StackedRNN")
+    if initial_segment_ids is not None:
+      for index, layer in enumerate(self.layers):
+        if not isinstance(layer, rnn_lib.RNN) or layer.reverse:
+          raise ValueError(
+            "StackedRNN: initial_segment_ids (streaming) needs every layer "
+            f"to be a forward hk_rnn.RNN; got layers[{index}] = "
+            + (
+              "an RNN with reverse=True"
+              if isinstance(layer, rnn_lib.RNN)
+              else f"a {type(layer).__name__}"
+            )
+          )
     first = self.layers[0]
     if time_major is None:
       time_major = first.time_major
@@ -126,6 +166,10 @@ class StackedRNN(hk.Module):
       time_major=time_major,
       context="StackedRNN",
     )
+    if max_segments is not None and segmentation_mask is not None:
+      sequences.check_segment_count(
+        ids, max_segments, time_major=time_major, context="StackedRNN"
+      )
     carries = []
     outputs = inputs
     for index, (layer, carry) in enumerate(
@@ -136,6 +180,9 @@ class StackedRNN(hk.Module):
         layer_inputs = hk.dropout(
           hk.next_rng_key(), self.dropout_rate, layer_inputs
         )
+      options = {}
+      if initial_segment_ids is not None:
+        options["initial_segment_ids"] = initial_segment_ids
       carry, layer_outputs = layer(
         layer_inputs,
         segmentation_mask,
@@ -144,6 +191,8 @@ class StackedRNN(hk.Module):
         return_carry=True,
         time_major=time_major,
         is_training=is_training,
+        max_segments=max_segments,
+        **options,
       )
       if self.residual:
         if layer_outputs.shape != outputs.shape:
