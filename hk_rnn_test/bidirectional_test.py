@@ -1,5 +1,7 @@
 """Tests for hk_rnn.Bidirectional."""
 
+import itertools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -198,6 +200,74 @@ class BidirectionalBadInputTest(parameterized.TestCase):
 
     with self.assertRaisesRegex(ValueError, message):
       hk.transform(forward).init(jax.random.PRNGKey(0), _inputs())
+
+  def test_inner_settings_are_honoured_or_rejected(self):
+    """Every inner setting Bidirectional overrides, in every combination."""
+    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    settings = ("time_major", "reverse", "keep_order", "return_carry")
+    reference = None
+    for outer_time_major in (False, True):
+      for which in ("forward_rnn", "backward_rnn"):
+        for values in itertools.product((False, True), repeat=len(settings)):
+          inner = dict(zip(settings, values, strict=True))
+          rejected = (
+            (inner["time_major"] and not outer_time_major)
+            or not inner["return_carry"]
+            or (which == "forward_rnn" and inner["reverse"])
+          )
+
+          def forward(x, m, inner=inner, which=which, tm=outer_time_major):
+            rnns = {
+              "forward_rnn": hk_rnn.RNN(hk_rnn.LSTMCell(5, name="f")),
+              "backward_rnn": hk_rnn.RNN(hk_rnn.GRUCell(3, name="b")),
+            }
+            cell = rnns[which].cell
+            rnns[which] = hk_rnn.RNN(cell, **inner)
+            return hk_rnn.Bidirectional(**rnns, time_major=tm)(x, m)
+
+          x, m = (
+            (inputs, mask)
+            if not outer_time_major
+            else (
+              jnp.swapaxes(inputs, 0, 1),
+              mask.T,
+            )
+          )
+          model = test_utils.transform(forward)
+          if rejected:
+            moved = next(
+              name
+              for name, bad in (
+                ("time_major", inner["time_major"] and not outer_time_major),
+                ("return_carry", not inner["return_carry"]),
+                ("reverse", inner["reverse"]),
+              )
+              if bad
+            )
+            with self.assertRaisesRegex(
+              ValueError, f"Bidirectional: {which} has {moved}="
+            ):
+              model.init(jax.random.PRNGKey(0), x, m)
+            continue
+          params = model.init(jax.random.PRNGKey(0), x, m)
+          result = model.apply(params, x, m)
+          if outer_time_major:
+            result = (result[0], jnp.swapaxes(result[1], 0, 1))
+          if reference is None:
+            reference = result
+          test_utils.tree_allclose(self, result, reference)
+
+  def test_time_major_inner_rnns_with_time_major_bidirectional(self):
+    # The case a user hit: inner RNNs time-major, Bidirectional not.
+    with self.assertRaisesRegex(
+      ValueError, "pass time_major=True to Bidirectional instead"
+    ):
+      hk.transform(
+        lambda x: hk_rnn.Bidirectional(
+          hk_rnn.RNN(hk_rnn.LSTMCell(4), time_major=True),
+          hk_rnn.RNN(hk_rnn.LSTMCell(4), time_major=True),
+        )(x)
+      ).init(jax.random.PRNGKey(0), jnp.zeros((5, 2, 3)))
 
   def test_rnns_must_be_rnns(self):
     with self.assertRaisesRegex(

@@ -116,6 +116,102 @@ class StackedRNNTest(parameterized.TestCase):
     np.testing.assert_array_equal(carries[0][0][2], 1.0)
     np.testing.assert_array_equal(carries[2][2], 0.5)
 
+  def test_streaming_packed_rows_chunk_by_chunk(self):
+    """Chunks with initial_segment_ids equal one run over the whole rows."""
+    # Segment 2 of row 0 starts mid-chunk; row 1's segment 5 crosses both
+    # boundaries; row 2 is one segment throughout.
+    ids = jnp.asarray(
+      np.array(
+        [
+          [1, 1, 1, 1, 1, 1, 2, 2, 0],
+          [4, 5, 5, 5, 5, 5, 5, 5, 5],
+          [3, 3, 3, 3, 3, 3, 3, 3, 3],
+        ],
+        np.int32,
+      )
+    )
+    inputs = jnp.asarray(
+      np.random.default_rng(1).normal(size=(BATCH, 9, INPUTS)), jnp.float32
+    )
+
+    def forward(x, m, **options):
+      return hk_rnn.StackedRNN(
+        [
+          hk_rnn.RNN(hk_rnn.LSTMCell(4, name="low")),
+          hk_rnn.RNN(hk_rnn.GRUCell(4, name="high")),
+        ],
+        residual=True,
+      )(x, m, **options)
+
+    model = test_utils.transform(forward)
+    params = model.init(jax.random.PRNGKey(0), inputs, ids)
+    whole_carries, whole = model.apply(params, inputs, ids)
+    carries, previous, outputs = None, None, []
+    for start in (0, 4, 7):
+      stop = {0: 4, 4: 7, 7: 9}[start]
+      chunk_ids = ids[:, start:stop]
+      carries, y = model.apply(
+        params,
+        inputs[:, start:stop],
+        chunk_ids,
+        initial_carry=carries,
+        initial_segment_ids=previous,
+      )
+      previous = hk_rnn.last_segment_ids(chunk_ids, previous)
+      outputs.append(y)
+    np.testing.assert_allclose(
+      jnp.concatenate(outputs, axis=1), whole, atol=1e-5
+    )
+    test_utils.tree_allclose(self, carries, whole_carries)
+
+  @parameterized.named_parameters(
+    (
+      "bidirectional",
+      lambda: hk_rnn.Bidirectional(
+        hk_rnn.RNN(hk_rnn.GRUCell(3)), hk_rnn.RNN(hk_rnn.GRUCell(3))
+      ),
+      r"needs every layer to be a forward hk_rnn.RNN; got layers\[1\] = a "
+      "Bidirectional",
+    ),
+    (
+      "reversed",
+      lambda: hk_rnn.RNN(hk_rnn.GRUCell(3), reverse=True),
+      r"got layers\[1\] = an RNN with reverse=True",
+    ),
+  )
+  def test_streaming_needs_forward_layers(self, make_layer, message):
+    def forward(x):
+      stack = hk_rnn.StackedRNN([hk_rnn.RNN(hk_rnn.GRUCell(3)), make_layer()])
+      return stack(
+        x, jnp.asarray(PACKED_IDS), initial_segment_ids=jnp.ones(BATCH, int)
+      )
+
+    with self.assertRaisesRegex(ValueError, "StackedRNN: .*" + message):
+      hk.transform(forward).init(jax.random.PRNGKey(0), _inputs())
+
+  @parameterized.named_parameters(
+    ("return_carry", dict(return_carry=False), {}, "return_carry=False"),
+    (
+      "time_major",
+      {},
+      dict(time_major=True),
+      r"layers\[0\] has time_major=False and layers\[1\] has "
+      "time_major=True",
+    ),
+  )
+  def test_layer_settings_it_would_drop_are_rejected(
+    self, first, second, message
+  ):
+    with self.assertRaisesRegex(ValueError, "StackedRNN: .*" + message):
+      hk.transform(
+        lambda: hk_rnn.StackedRNN(
+          [
+            hk_rnn.RNN(hk_rnn.GRUCell(3), **first),
+            hk_rnn.RNN(hk_rnn.GRUCell(3), **second),
+          ]
+        )
+      ).init(None)
+
   @parameterized.named_parameters(
     ("empty", [], {}, "at least one layer"),
     ("not_a_layer", [hk_rnn.GRUCell], {}, r"layers\[0\] must be an hk_rnn.RNN"),
