@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import options, run
+from benchmarks import options, packing, run
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
@@ -53,6 +53,26 @@ class BenchmarkHarnessTest(absltest.TestCase):
     )
     step()
     self.assertGreater(memory, 0)
+
+  def test_tiny_packing_run_writes_its_table(self):
+    with tempfile.TemporaryDirectory() as out:
+      packing.main(
+        [
+          "--sizes=6",
+          "--max_length=8",
+          "--row_length=8",
+          "--median=3",
+          "--inputs=3",
+          "--features=4",
+          "--rounds=1",
+          f"--out={out}",
+        ]
+      )
+      with open(os.path.join(out, "packing.md")) as file:
+        table = file.read()
+      for name in ("hk_rnn_packed", "hk_rnn_padded", "torch_packed"):
+        self.assertIn(f"| {name} |", table)
+      self.assertIn("Per-segment carries cost", table)
 
   def test_unknown_case_is_an_error_naming_the_flag(self):
     with self.assertRaises(SystemExit):

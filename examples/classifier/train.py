@@ -19,17 +19,18 @@ that model for comparison: with the defaults, the bidirectional model
 reached 0.995 held-out accuracy after 600 steps, the forward-only one 0.61
 (chance is 0.5).
 
-Batches are `--batch_size` rows of `--max_length` steps. Padded (default):
-one sequence per row, masked (`segmentation_mask` ids 1, then 0s). With
-`--packing`: several sequences per row, one after another, with segment ids
-1, 2, 3, ... (at most `--max_per_row`), so far fewer steps are padding. The
-RNN restarts its carry at every segment, but its `final_carry` is only each
-row's last segment's; the per-sequence final states are therefore read off
-the outputs instead (`per_sequence_final_states`): the forward output at each
-sequence's last step and the backward output at its first, gathered with
-`jax.ops.segment_sum`. Both layouts have the same shapes, so the same compiled
-step runs both; at the end the trainer times it on each (`--benchmark_steps`)
-and reports real (non-padding) tokens per second, packed vs padded.
+Batches are `--batch_size` rows of `--max_length` steps, built by
+`hk_rnn.pack_sequences`. Padded (default): one sequence per row
+(`max_segments=1`). With `--packing`: as many sequences as first-fit
+decreasing fits into the rows, at most `--max_per_row` per row, so far fewer
+steps are padding. The model asks `Bidirectional` for every segment's carry
+(`max_segments=--max_per_row`): slot k of a row's forward carry is its k-th
+sequence's state after its last step, and of its backward carry the state
+after reading it back to its first step. Labels are laid out in the same
+`(rows * --max_per_row)` slots, so both layouts have the same shapes and the
+same compiled step runs both; at the end the trainer times it on each
+(`--benchmark_steps`) and reports real (non-padding) tokens per second,
+packed vs padded.
 
 Held-out accuracy is measured on a fixed set of padded sequences, whatever
 the training layout.
@@ -160,48 +161,64 @@ def draw_sequences(rng: np.random.Generator, count: int) -> dict:
 
 
 def layout(sequences: dict, rows: int, per_row: int, packing: bool) -> dict:
-  """Places sequences into `rows` rows, padded or packed.
+  """Packs sequences into `rows` rows, at most `per_row` per row.
 
-  Sequences are taken in order; packing fills each row until the next one
-  does not fit (or the row holds `per_row`), then moves on. Sequences left
-  over are dropped.
+  Padded: the first `rows` sequences, one per row. Packed: the longest
+  prefix of `sequences` that first-fit decreasing fits into `rows` rows;
+  the rest are dropped.
 
   Returns:
-    tokens, mask (segment ids 1, 2, ... per row; 0 for padding) and
-    segment_index (the sequence's slot in labels) `(rows, --max_length)`;
-    labels, weights (1 for a used slot) and lengths `(rows * per_row,)`.
+    tokens and mask `(rows, --max_length)` (segment ids 1, 2, ... per row; 0
+    for padding); labels, weights (1 for a used slot) and lengths
+    `(rows * per_row,)`, laid out as the per-segment carries are: sequence
+    i's entry is at `row * per_row + slot`.
   """
-  max_length = _MAX_LENGTH.value
-  tokens = np.zeros((rows, max_length), np.int32)
-  mask = np.zeros((rows, max_length), np.int32)
-  segment_index = np.zeros((rows, max_length), np.int32)
-  labels = np.zeros(rows * per_row, np.int32)
-  weights = np.zeros(rows * per_row, np.float32)
-  lengths = np.zeros(rows * per_row, np.int32)
-  row, position, count = 0, 0, 0
-  for tokens_j, length, label in zip(
-    sequences["tokens"], sequences["lengths"], sequences["labels"], strict=True
+  tokens = [
+    row[:length]
+    for row, length in zip(
+      sequences["tokens"], sequences["lengths"], strict=True
+    )
+  ]
+  cap = per_row if packing else 1
+
+  def fits(count):
+    packed = hk_rnn.pack_sequences(
+      tokens[:count], _MAX_LENGTH.value, max_segments=cap
+    )
+    return packed.num_rows <= rows
+
+  # No more than the steps and slots hold; then down in growing strides to
+  # a prefix that fits, and a bisection back up to the longest one.
+  steps = np.cumsum(sequences["lengths"])
+  high = min(
+    len(tokens),
+    rows * cap,
+    int(np.searchsorted(steps, rows * _MAX_LENGTH.value, "right")),
+  )
+  low, stride = high, 1
+  while low > 1 and not fits(low):
+    high, low, stride = low - 1, max(1, low - stride), 2 * stride
+  while low < high:
+    middle = (low + high + 1) // 2
+    low, high = (middle, high) if fits(middle) else (low, middle - 1)
+  packed = hk_rnn.pack_sequences(
+    tokens[:low], _MAX_LENGTH.value, num_rows=rows, max_segments=cap
+  )
+  slots = packed.rows * per_row + packed.slots
+  per_slot = {}
+  for key, values in (
+    ("labels", sequences["labels"]),
+    ("weights", np.ones(low)),
+    ("lengths", sequences["lengths"]),
   ):
-    if position and (
-      not packing or position + length > max_length or count == per_row
-    ):
-      row, position, count = row + 1, 0, 0
-    if row == rows:
-      break
-    span = slice(position, position + length)
-    slot = row * per_row + count
-    tokens[row, span] = tokens_j[:length]
-    mask[row, span] = count + 1
-    segment_index[row, span] = slot
-    labels[slot], weights[slot], lengths[slot] = label, 1.0, length
-    position, count = position + length, count + 1
+    per_slot[key] = np.zeros(
+      rows * per_row, np.float32 if key == "weights" else np.int32
+    )
+    per_slot[key][slots] = values[:low]
   return {
-    "tokens": tokens,
-    "mask": mask,
-    "segment_index": segment_index,
-    "labels": labels,
-    "weights": weights,
-    "lengths": lengths,
+    "tokens": packed.inputs.astype(np.int32),
+    "mask": packed.segmentation_mask,
+    **per_slot,
   }
 
 
@@ -213,58 +230,27 @@ def make_batch(rng: np.random.Generator, packing: bool) -> dict:
   return layout(sequences, rows, per_row, packing)
 
 
-def segment_boundaries(mask):
-  """Masks of each segment's first and last valid step, `(batch, time)`."""
-  valid = mask != 0
-  before = jnp.pad(mask[:, :-1], ((0, 0), (1, 0)))
-  after = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
-  return valid & (mask != before), valid & (mask != after)
-
-
-def per_sequence_final_states(outputs, positions, segment_index, num_segments):
-  """Gathers `outputs` at one position per sequence into `(num_segments, H)`.
-
-  `positions` marks exactly one step of each sequence; `segment_index` names
-  the sequence's slot. Other steps are multiplied by 0, so the sum per slot
-  is exactly the marked output.
-  """
-  picked = outputs * positions[..., None]
-  return jax.ops.segment_sum(
-    picked.reshape(-1, outputs.shape[-1]),
-    segment_index.reshape(-1),
-    num_segments=num_segments,
-  )
-
-
 def forward(batch):
   """Logits `(num_slots, 2)`: do the last `--frame` symbols mirror the first?"""
   hidden = _HIDDEN_SIZE.value
   x = hk.Embed(_NUM_SYMBOLS.value + 1, _EMBED_SIZE.value)(batch["tokens"])
   mask = batch["mask"]
-  first, last = segment_boundaries(mask)
-  num_slots = batch["labels"].shape[0]
+  rows = mask.shape[0]
+  slots = batch["labels"].shape[0] // rows  # static: from the shapes
   forward_rnn = hk_rnn.RNN(hk_rnn.LSTMCell(hidden, name="forward_lstm"))
   if _DIRECTIONS.value == "both":
     backward_rnn = hk_rnn.RNN(hk_rnn.LSTMCell(hidden, name="backward_lstm"))
-    _, outputs = hk_rnn.Bidirectional(forward_rnn, backward_rnn)(x, mask)
-    forward_out, backward_out = outputs[..., :hidden], outputs[..., hidden:]
-    # The backward LSTM ends each sequence at its first step (input order).
-    features = jnp.concatenate(
-      [
-        per_sequence_final_states(
-          forward_out, last, batch["segment_index"], num_slots
-        ),
-        per_sequence_final_states(
-          backward_out, first, batch["segment_index"], num_slots
-        ),
-      ],
-      axis=-1,
-    )
+    # Every sequence's (c, h) in each direction: (rows, slots, hidden).
+    (forward_carry, backward_carry), _ = hk_rnn.Bidirectional(
+      forward_rnn, backward_rnn
+    )(x, mask, max_segments=slots)
+    states = [forward_carry[1], backward_carry[1]]
   else:
-    _, forward_out = forward_rnn(x, mask)
-    features = per_sequence_final_states(
-      forward_out, last, batch["segment_index"], num_slots
-    )
+    forward_carry, _ = forward_rnn(x, mask, max_segments=slots)
+    states = [forward_carry[1]]
+  features = jnp.concatenate(
+    [state.reshape(rows * slots, hidden) for state in states], axis=-1
+  )
   features = jax.nn.relu(hk.Linear(hidden, name="hidden")(features))
   return hk.Linear(2, name="logits")(features)
 
