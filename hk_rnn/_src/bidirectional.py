@@ -130,6 +130,7 @@ class Bidirectional(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="Bidirectional",
+      feature_shape=layout.feature_shape,
     )
     options = dict(
       seq_lengths=seq_lengths,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
-from hk_rnn._src import sequences
+from hk_rnn._src import dropout, sequences
 
 Array = jax.Array
 Carry = Any
@@ -370,6 +370,7 @@ class RNN(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="RNN",
+      feature_shape=layout.feature_shape,
     )
     packed = segmentation_mask is not None and sequences.has_packed_rows(
       segmentation_mask, axis=layout.time_axis
@@ -426,6 +427,10 @@ class RNN(hk.Module):
       or getattr(cell, "recurrent_dropout_rate", 0)
     ):
       return inputs, None
+    dropout.require_rng(
+      "RNN",
+      f"is_training=True applies the dropout of {dropout.describe_rates(cell)}",
+    )
     key = hk.next_rng_key()
     masks = cell.dropout_masks(sample, rng=key)
     if masks.inputs is not None:
@@ -472,6 +477,13 @@ class Layout:
   @classmethod
   def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
     shape = np.shape(inputs)
+    dtype = jnp.result_type(inputs)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+        f"{context}: inputs must be floating point, got dtype {dtype} of "
+        f"shape {tuple(shape)}; embed token ids first (e.g. with hk.Embed), "
+        "or cast the inputs to a float dtype"
+      )
     if len(shape) < num_feature_axes + 1:
       layout = (
         "(time, *batch, *features)"
@@ -533,7 +545,12 @@ def check_initial_carry(
   leaves, tree = jax.tree.flatten(initial_carry)
   got = [tuple(np.shape(leaf)) for leaf in leaves]
   want = [tuple(leaf.shape) for leaf in expected_leaves]
-  if tree != expected_tree or got != want:
+  if tree != expected_tree:
+    raise ValueError(
+      f"{context}: initial_carry must match the cell's carry for these "
+      f"inputs: {_structure_mismatch(cell, expected, initial_carry)}"
+    )
+  if got != want:
     raise ValueError(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs, shapes {jax.tree.unflatten(expected_tree, want)}; got "
@@ -546,3 +563,37 @@ def check_initial_carry(
       for leaf, spec in zip(leaves, expected_leaves, strict=True)
     ],
   )
+
+
+def _structure_mismatch(cell, expected: Carry, carry: Carry) -> str:
+  """Says what carry structure ``cell`` expects and what ``carry`` has."""
+
+  def describe(tree):
+    leaves, structure = jax.tree.flatten(tree)
+    if structure.num_nodes == 1:
+      return f"a single array of shape {tuple(np.shape(leaves[0]))}"
+    shapes = jax.tree.unflatten(
+      structure, [_Shape(np.shape(leaf)) for leaf in leaves]
+    )
+    arrays = "array" if len(leaves) == 1 else "arrays"
+    return f"a {type(tree).__name__} of {len(leaves)} {arrays}, {shapes!r}"
+
+  message = (
+    f"{type(cell).__name__} {cell.module_name!r} carries "
+    f"{describe(expected)}; got {describe(carry)}"
+  )
+  if jax.tree.structure(expected).num_nodes == 1 and (
+    isinstance(carry, (tuple, list)) and len(carry) == 1
+  ):
+    message += (
+      "; this cell's carry is a single array: pass it itself, not in a "
+      f"1-{type(carry).__name__}"
+    )
+  return message
+
+
+class _Shape(tuple):
+  """A shape that prints as one, as a leaf of a structure being described."""
+
+  def __repr__(self):
+    return str(tuple(int(d) for d in self))

@@ -125,6 +125,7 @@ class StackedRNN(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="StackedRNN",
+      feature_shape=layout.feature_shape,
     )
     carries = []
     outputs = inputs
@@ -133,6 +134,11 @@ class StackedRNN(hk.Module):
     ):
       layer_inputs = outputs
       if index and is_training and self.dropout_rate:
+        dropout.require_rng(
+          "StackedRNN",
+          f"is_training=True applies dropout_rate={self.dropout_rate} "
+          f"between the layers of StackedRNN {self.module_name!r}",
+        )
         layer_inputs = hk.dropout(
           hk.next_rng_key(), self.dropout_rate, layer_inputs
         )
