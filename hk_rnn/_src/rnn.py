@@ -246,6 +246,23 @@ class RNN(hk.Module):
   ``recurrent_dropout_rate`` apply, with masks sampled once per row and reused
   at every step (variational dropout); this needs an rng in ``apply``.
 
+  **Dtypes.** The carry has the cell's compute dtype (its ``dtype``, else
+  that of the inputs and parameters together). An ``initial_carry`` of
+  another dtype is cast to it on the way in, so with ``dtype=jnp.bfloat16``
+  a float32 carry is rounded to bfloat16 first, and a row of length 0
+  returns that rounded value, not the one given. A carry passed in the
+  cell's dtype comes back from such a row bit for bit.
+
+  >>> def half(x, lengths, carry):
+  ...   cell = hk_rnn.GRUCell(2, dtype=jnp.bfloat16)
+  ...   return hk_rnn.RNN(cell)(x, seq_lengths=lengths, initial_carry=carry)
+  >>> half = hk.transform(half)
+  >>> x, lengths = jnp.ones((1, 3, 2)), jnp.array([0])
+  >>> carry = jnp.full((1, 2), 1.001)                # float32
+  >>> params = half.init(jax.random.key(0), x, lengths, carry)
+  >>> half.apply(params, None, x, lengths, carry)[0]  # rounded, then kept
+  Array([[1, 1]], dtype=bfloat16)
+
   **Speed.** Cells that have a fused whole-sequence kernel (``LSTMCell``,
   ``GRUCell``, ``MGUCell``, ``SimpleCell`` with their default activations)
   use it when ``fused=True`` (the default); ``fused=False`` always runs the
@@ -341,8 +358,8 @@ class RNN(hk.Module):
         *batch)``); 0 is padding, other values are segment ids.
       seq_lengths: integer ``(*batch,)``; the alternative to a mask.
       initial_carry: the carry every sequence starts from, shaped like
-        ``cell.initialize_carry(inputs[..., 0, :])``; the cell's own by
-        default.
+        ``cell.initialize_carry(inputs[..., 0, :])`` and cast to its dtype
+        (see Dtypes above); the cell's own by default.
       return_carry, time_major, reverse, keep_order: override the
         constructor's.
       is_training: apply the cell's dropout (needs an rng).

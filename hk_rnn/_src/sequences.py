@@ -111,7 +111,7 @@ class _InputsLayout:
       return ""
     shifted = (*self.mask_shape, self.feature_shape[0])
     if lengths:
-      shifted = shifted[1:-1] if self.time_major else shifted[:-1]
+      shifted = shifted[1:] if self.time_major else shifted[:-1]
     if tuple(shape) != shifted:
       return ""
     if self.time_major:
