@@ -352,8 +352,8 @@ class RNN(hk.Module):
     """Runs the cell over ``inputs``.
 
     Args:
-      inputs: ``(*batch, time, *features)`` (``(time, *batch, *features)``
-        when time-major).
+      inputs: floating point, ``(*batch, time, *features)`` (``(time,
+        *batch, *features)`` when time-major); embed token ids first.
       segmentation_mask: integer or bool ``(*batch, time)`` (``(time,
         *batch)``); 0 is padding, other values are segment ids.
       seq_lengths: integer ``(*batch,)``; the alternative to a mask.
