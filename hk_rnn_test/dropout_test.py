@@ -79,12 +79,57 @@ class VariationalDropoutTest(parameterized.TestCase):
       self, model.apply(params, None, inputs, mask, False), plain
     )
 
-  def test_training_without_rng_fails(self):
+  def test_training_without_rng_names_the_cell_and_the_ways_out(self):
     inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
     model = hk.transform(self._forward("gru", recurrent_dropout_rate=0.5))
     params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
-    with self.assertRaisesRegex(ValueError, "PRNGKey"):
+    message = (
+      r"^RNN: is_training=True applies the dropout of GRUCell 'cell' "
+      r"\(dropout_rate=0.0, recurrent_dropout_rate=0.5\), which needs an rng, "
+      r"but none was given; pass an rng to apply \(model.apply\(params, rng, "
+      r"\.\.\.\), so not under hk.without_apply_rng\), or call with "
+      r"is_training=False$"
+    )
+    with self.assertRaisesRegex(ValueError, message):
       model.apply(params, None, inputs, mask, True)
+    with self.assertRaisesRegex(ValueError, message):
+      hk.without_apply_rng(model).apply(params, inputs, mask, True)
+
+  def test_stack_dropout_without_rng_names_the_stack(self):
+    def forward(inputs, is_training):
+      layers = [hk_rnn.RNN(hk_rnn.GRUCell(FEATURES)) for _ in range(2)]
+      stack = hk_rnn.StackedRNN(layers, dropout_rate=0.2, name="encoder")
+      return stack(inputs, is_training=is_training)
+
+    inputs = _inputs()
+    model = hk.transform(forward)
+    params = model.init(jax.random.PRNGKey(0), inputs, False)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^StackedRNN: is_training=True applies dropout_rate=0.2 between the "
+      r"layers of StackedRNN 'encoder', which needs an rng, but none was "
+      r"given; pass an rng to apply .*, or call with is_training=False$",
+    ):
+      model.apply(params, None, inputs, True)
+
+  def test_masks_without_rng_name_the_cell(self):
+    def sample(x):
+      cell = hk_rnn.LSTMCell(FEATURES, dropout_rate=0.25, name="tagger")
+      return cell.dropout_masks(x)
+
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^LSTMCell: dropout_masks samples masks for LSTMCell 'tagger' "
+      r"\(dropout_rate=0.25, recurrent_dropout_rate=0.0\), which needs an "
+      r"rng, but none was given; pass rng= to dropout_masks, or an rng to "
+      r"apply",
+    ):
+      hk.transform(sample).apply({}, None, jnp.ones((2, 3)))
+    # Without dropout there is nothing to sample and no rng is needed.
+    masks = hk.transform(lambda x: hk_rnn.LSTMCell(2).dropout_masks(x)).apply(
+      {}, None, jnp.ones((2, 3))
+    )
+    self.assertEqual(masks, (None, None))
 
   @parameterized.parameters(-0.1, 1.0, 1.5)
   def test_bad_rate(self, rate):

@@ -168,6 +168,26 @@ class RNNPaddingTest(parameterized.TestCase):
     ):
       np.testing.assert_array_equal(got[0], want[0])
 
+  @parameterized.parameters(True, False)
+  def test_initial_carry_is_cast_to_the_cells_dtype(self, fused):
+    """As the docstring says: a bf16 cell rounds a float32 initial carry."""
+    ids = np.array([[0] * TIME, [1] * TIME], np.int32)
+    # 1 + 2**-10 is a float32 that bfloat16 (8 significant bits) rounds to 1.
+    start = jnp.full((2, FEATURES), 1 + 2.0**-10, jnp.float32)
+
+    def forward(inputs, mask, carry):
+      cell = hk_rnn.LSTMCell(FEATURES, dtype=jnp.bfloat16)
+      return hk_rnn.RNN(cell, fused=fused)(inputs, mask, initial_carry=carry)
+
+    _, (carry, _) = test_utils.init_and_apply(
+      forward, _inputs(shape=(2, TIME, INPUTS)), jnp.asarray(ids), (start,) * 2
+    )
+    for leaf in carry:
+      self.assertEqual(leaf.dtype, jnp.bfloat16)
+      # The empty row returns the cast value bit for bit, not the float32 one.
+      np.testing.assert_array_equal(leaf[0], start[0].astype(jnp.bfloat16))
+      self.assertFalse((leaf[0].astype(jnp.float32) == start[0]).any())
+
   def test_every_segment_starts_from_initial_carry(self):
     inputs = _inputs()
     start = jnp.asarray(
@@ -340,7 +360,7 @@ def _error_cases():
       x,
       {"segmentation_mask": np.array([[1, 1, 0, 1, 0, 0]] + [[1] * TIME] * 2)},
       r"padding \(0\) must only sit at the end of a row; got row \(0,\) = "
-      r"\[1, 1, 0, 1, 0, 0\] \(at step 3\)",
+      r"\[1, 1, 0, 1, 0, 0\] \(padding at step 2, then id 1 at step 3\)",
     ),
     (
       "negative_id",
@@ -370,7 +390,25 @@ def _error_cases():
       "carry_structure",
       x,
       {"initial_carry": (np.zeros((BATCH, FEATURES)),) * 2},
-      "initial_carry must match the cell's carry",
+      r"initial_carry must match the cell's carry for these inputs: GRUCell "
+      r"'gru_cell' carries a single array of shape \(3, 5\); got a tuple of 2 "
+      r"arrays, \(\(3, 5\), \(3, 5\)\)$",
+    ),
+    (
+      "carry_in_a_one_tuple",
+      x,
+      {"initial_carry": (np.zeros((BATCH, FEATURES)),)},
+      r"GRUCell 'gru_cell' carries a single array of shape \(3, 5\); got a "
+      r"tuple of 1 array, \(\(3, 5\),\); this cell's carry is a single "
+      r"array: pass it itself, not in a 1-tuple",
+    ),
+    (
+      "lengths_passed_as_the_mask",
+      x,
+      {"segmentation_mask": LENGTHS},
+      r"RNN: segmentation_mask must have shape \(\*batch, time\) = \(3, 6\), "
+      r"got \(3,\); that is the shape of seq_lengths \(\*batch,\): pass "
+      r"lengths by keyword, seq_lengths=\.\.\., not as the mask",
     ),
   ]
 

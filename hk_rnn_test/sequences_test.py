@@ -136,6 +136,192 @@ class SegmentIdsTest(absltest.TestCase):
     self.assertFalse(packed(None, axis=0))
 
 
+def _ids(mask, batch_shape, time, time_major=False, feature_shape=(4,)):
+  return sequences.segment_ids(
+    mask,
+    None,
+    batch_shape=batch_shape,
+    time=time,
+    time_major=time_major,
+    context="RNN",
+    feature_shape=feature_shape,
+  )
+
+
+class MaskErrorMessagesTest(parameterized.TestCase):
+  """Errors say where in the row the mask goes wrong, and what was meant."""
+
+  @parameterized.named_parameters(
+    (
+      "padding_then_an_id",
+      [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]],
+      r"padding \(0\) must only sit at the end of a row; got row \(1,\) = "
+      r"\[1, 1, 0, 1, 1\] \(padding at step 2, then id 1 at step 3\)$",
+    ),
+    (
+      "longer_padding_then_an_id",
+      [[1, 0, 0, 2, 0], [1, 1, 1, 1, 1]],
+      r"padding \(0\) must only sit at the end of a row; got row \(0,\) = "
+      r"\[1, 0, 0, 2, 0\] \(padding at steps 1 to 2, then "
+      r"id 2 at step 3\)$",
+    ),
+    (
+      "decreasing",
+      [[1, 1, 1, 1, 1], [1, 2, 2, 1, 0]],
+      r"segment ids must not decrease .*; got row \(1,\) = \[1, 2, 2, 1, 0\] "
+      r"\(id 2 at step 2, then id 1 at step 3\)$",
+    ),
+    (
+      "negative",
+      [[1, -2, 0, 0, 0], [1, 1, 1, 1, 1]],
+      r"ids must be non-negative; got row \(0,\) = \[1, -2, 0, 0, 0\] "
+      r"\(id -2 at step 1\)$",
+    ),
+  )
+  def test_names_the_steps(self, mask, message):
+    mask = np.array(mask, np.int32)
+    with self.assertRaisesRegex(
+      ValueError, "^RNN: segmentation_mask " + message
+    ):
+      _ids(mask, (2,), 5)
+    # Time-major masks name the same row and steps.
+    with self.assertRaisesRegex(ValueError, message):
+      _ids(mask.T, (2,), 5, time_major=True)
+
+  def test_lengths_passed_as_the_mask(self):
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^RNN: segmentation_mask must have shape \(\*batch, time\) = \(2, 5\), "
+      r"got \(2,\); that is the shape of seq_lengths \(\*batch,\): pass "
+      r"lengths by keyword, seq_lengths=\.\.\., not as the mask$",
+    ):
+      _ids(np.array([5, 3]), (2,), 5)
+    with self.assertRaisesRegex(ValueError, r"got \(2,\)$"):
+      _ids(np.array([5.0, 3.0]), (2,), 5)  # Float: not lengths either.
+
+  @parameterized.named_parameters(
+    ("batch_major", False, (2, 5)), ("time_major", True, (5, 2))
+  )
+  def test_inputs_missing_their_feature_axis(self, time_major, shape):
+    # Inputs meant as (batch 2, time 5) with no feature axis read as one
+    # unbatched sequence whose last axis is the features.
+    time, feature = shape
+    hint = (
+      rf"; that shape would fit if the inputs, of shape \({time}, {feature}\), "
+      r"had one more axis: are they missing their feature axis\? "
+      r"\(inputs\[\.\.\., None\] gives one feature per step\)$"
+    )
+    with self.assertRaisesRegex(
+      ValueError, rf"got \({time}, {feature}\)" + hint
+    ):
+      _ids(np.ones(shape, int), (), time, time_major, (feature,))
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^RNN: seq_lengths must have shape \(\*batch,\) = \(\), got \(2,\)"
+      + hint,
+    ):
+      sequences.segment_ids(
+        None,
+        np.array([5, 3]),
+        batch_shape=(),
+        time=time,
+        time_major=time_major,
+        context="RNN",
+        feature_shape=(feature,),
+      )
+    # A shape that fits no reading gets no hint.
+    with self.assertRaisesRegex(ValueError, r"got \(3, 6\)$"):
+      _ids(np.ones((3, 6), int), (), time, time_major, (feature,))
+
+
+class LastSegmentIdsTest(parameterized.TestCase):
+  def test_values(self):
+    mask = jnp.array([[1, 1, 2, 0], [0, 0, 0, 0], [3, 3, 3, 3]])
+    np.testing.assert_array_equal(hk_rnn.last_segment_ids(mask), [2, 0, 3])
+    np.testing.assert_array_equal(
+      hk_rnn.last_segment_ids(mask.T, [5, 6, 7], time_major=True), [2, 6, 3]
+    )
+    # Bool masks, an unbatched row, a zero-length chunk and a traced mask.
+    np.testing.assert_array_equal(
+      hk_rnn.last_segment_ids(jnp.array([[True, False]]), jnp.array([4])), [1]
+    )
+    self.assertEqual(int(hk_rnn.last_segment_ids(jnp.array([1, 2, 2]))), 2)
+    np.testing.assert_array_equal(
+      hk_rnn.last_segment_ids(jnp.zeros((2, 0), int), jnp.array([4, 5])),
+      [4, 5],
+    )
+    np.testing.assert_array_equal(
+      jax.jit(hk_rnn.last_segment_ids)(mask, jnp.array([1, 2, 3])), [2, 2, 3]
+    )
+
+  @parameterized.named_parameters(
+    (
+      "float_mask",
+      np.ones((2, 4), np.float32),
+      None,
+      r"segmentation_mask must be an integer or bool array, got dtype "
+      r"float32$",
+    ),
+    (
+      "no_time_axis",
+      np.array(3),
+      None,
+      r"segmentation_mask must have shape \(\*batch, time\), with a time "
+      r"axis, got \(\)$",
+    ),
+    (
+      "padding_inside",
+      np.array([[1, 1, 0, 1]]),
+      None,
+      r"segmentation_mask padding \(0\) must only sit at the end of a row; "
+      r"got row \(0,\) = \[1, 1, 0, 1\] \(padding at step 2, then id 1 at "
+      r"step 3\)$",
+    ),
+    (
+      "decreasing",
+      np.array([[2, 1, 0, 0]]),
+      None,
+      "segmentation_mask segment ids must not decrease",
+    ),
+    (
+      "lengths_as_the_mask",
+      np.array([3, 5]),
+      np.array([1, 1]),
+      r"previous must have shape \(\*batch,\) = \(\) for segmentation_mask "
+      r"of shape \(\*batch, time\) = \(2,\), got \(2,\); segmentation_mask "
+      r"has the shape of previous, so no time axis: is it seq_lengths rather "
+      r"than a mask\?$",
+    ),
+    (
+      "previous_shape",
+      np.ones((2, 4), int),
+      np.array([1, 1, 1]),
+      r"previous must have shape \(\*batch,\) = \(2,\) for "
+      r"segmentation_mask of shape \(\*batch, time\) = \(2, 4\), got "
+      r"\(3,\)$",
+    ),
+    (
+      "previous_dtype",
+      np.ones((2, 4), int),
+      np.array([1.0, 1.0]),
+      "previous must be an integer array, got dtype float32",
+    ),
+  )
+  def test_validates_like_rnn(self, mask, previous, message):
+    with self.assertRaisesRegex(ValueError, "^last_segment_ids: " + message):
+      hk_rnn.last_segment_ids(mask, previous)
+
+  def test_time_major_layout_is_named(self):
+    with self.assertRaisesRegex(
+      ValueError,
+      r"previous must have shape \(\*batch,\) = \(2,\) for "
+      r"segmentation_mask of shape \(time, \*batch\) = \(4, 2\)",
+    ):
+      hk_rnn.last_segment_ids(
+        np.ones((4, 2), int), np.ones((4,), int), time_major=True
+      )
+
+
 class FlipSequencesBadInputTest(parameterized.TestCase):
   @parameterized.named_parameters(
     (

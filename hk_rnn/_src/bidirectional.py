@@ -169,6 +169,7 @@ class Bidirectional(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="Bidirectional",
+      feature_shape=layout.feature_shape,
     )
     max_segments = sequences.check_max_segments(max_segments, "Bidirectional")
     if max_segments is not None and segmentation_mask is not None:

@@ -237,6 +237,13 @@ class _GatedCell(RNNCellBase):
       )
 
     if rng is None:
+      if self.dropout_rate or self.recurrent_dropout_rate:
+        dropout.require_rng(
+          type(self).__name__,
+          f"dropout_masks samples masks for {dropout.describe_rates(self)}",
+          "pass rng= to dropout_masks, or an rng to apply "
+          "(model.apply(params, rng, ...))",
+        )
       return sample()
     with hk.with_rng(rng):
       return sample()

@@ -45,3 +45,35 @@ def sample_mask(rate: float, shape: Sequence[int], dtype) -> Array | None:
   keep = 1.0 - rate
   kept = jax.random.bernoulli(hk.next_rng_key(), keep, tuple(shape))
   return jnp.where(kept, jnp.asarray(1.0 / keep, dtype), jnp.zeros((), dtype))
+
+
+TRAINING_FIXES = (
+  "pass an rng to apply (model.apply(params, rng, ...), so not under "
+  "hk.without_apply_rng), or call with is_training=False"
+)
+
+
+def describe_rates(cell: hk.Module) -> str:
+  """``"GRUCell 'gru_cell' (dropout_rate=0.0, ...)"``, for error messages."""
+  rates = ", ".join(
+    f"{name}={getattr(cell, name)}"
+    for name in ("dropout_rate", "recurrent_dropout_rate")
+    if hasattr(cell, name)
+  )
+  return f"{type(cell).__name__} {cell.module_name!r} ({rates})"
+
+
+def require_rng(context: str, what: str, fixes: str = TRAINING_FIXES) -> None:
+  """Raises a ValueError saying what needs an rng, when none was given.
+
+  It looks without drawing a key, so the keys drawn after it are unchanged.
+
+  Args:
+    context: the module raising, for the message.
+    what: what needs random numbers, e.g. ``"is_training=True applies ..."``.
+    fixes: the ways out.
+  """
+  if hk.maybe_get_rng_sequence_state() is None:
+    raise ValueError(
+      f"{context}: {what}, which needs an rng, but none was given; {fixes}"
+    )

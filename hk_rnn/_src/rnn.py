@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
-from hk_rnn._src import sequences
+from hk_rnn._src import dropout, sequences
 
 Array = jax.Array
 Carry = Any
@@ -305,6 +305,23 @@ class RNN(hk.Module):
   ``recurrent_dropout_rate`` apply, with masks sampled once per row and reused
   at every step (variational dropout); this needs an rng in ``apply``.
 
+  **Dtypes.** The carry has the cell's compute dtype (its ``dtype``, else
+  that of the inputs and parameters together). An ``initial_carry`` of
+  another dtype is cast to it on the way in, so with ``dtype=jnp.bfloat16``
+  a float32 carry is rounded to bfloat16 first, and a row of length 0
+  returns that rounded value, not the one given. A carry passed in the
+  cell's dtype comes back from such a row bit for bit.
+
+  >>> def half(x, lengths, carry):
+  ...   cell = hk_rnn.GRUCell(2, dtype=jnp.bfloat16)
+  ...   return hk_rnn.RNN(cell)(x, seq_lengths=lengths, initial_carry=carry)
+  >>> half = hk.transform(half)
+  >>> x, lengths = jnp.ones((1, 3, 2)), jnp.array([0])
+  >>> carry = jnp.full((1, 2), 1.001)                # float32
+  >>> params = half.init(jax.random.key(0), x, lengths, carry)
+  >>> half.apply(params, None, x, lengths, carry)[0]  # rounded, then kept
+  Array([[1, 1]], dtype=bfloat16)
+
   **Speed.** Cells that have a fused whole-sequence kernel (``LSTMCell``,
   ``GRUCell``, ``MGUCell``, ``SimpleCell`` with their default activations)
   use it when ``fused=True`` (the default); ``fused=False`` always runs the
@@ -395,14 +412,14 @@ class RNN(hk.Module):
     """Runs the cell over ``inputs``.
 
     Args:
-      inputs: ``(*batch, time, *features)`` (``(time, *batch, *features)``
-        when time-major).
+      inputs: floating point, ``(*batch, time, *features)`` (``(time,
+        *batch, *features)`` when time-major); embed token ids first.
       segmentation_mask: integer or bool ``(*batch, time)`` (``(time,
         *batch)``); 0 is padding, other values are segment ids.
       seq_lengths: integer ``(*batch,)``; the alternative to a mask.
       initial_carry: the carry every sequence starts from, shaped like
-        ``cell.initialize_carry(inputs[..., 0, :])``; the cell's own by
-        default.
+        ``cell.initialize_carry(inputs[..., 0, :])`` and cast to its dtype
+        (see Dtypes above); the cell's own by default.
       return_carry, time_major, reverse, keep_order: override the
         constructor's.
       is_training: apply the cell's dropout (needs an rng).
@@ -440,6 +457,7 @@ class RNN(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="RNN",
+      feature_shape=layout.feature_shape,
     )
     max_segments = sequences.check_max_segments(max_segments, "RNN")
     if max_segments is not None and segmentation_mask is not None:
@@ -502,6 +520,10 @@ class RNN(hk.Module):
       or getattr(cell, "recurrent_dropout_rate", 0)
     ):
       return inputs, None
+    dropout.require_rng(
+      "RNN",
+      f"is_training=True applies the dropout of {dropout.describe_rates(cell)}",
+    )
     key = hk.next_rng_key()
     masks = cell.dropout_masks(sample, rng=key)
     if masks.inputs is not None:
@@ -548,6 +570,13 @@ class Layout:
   @classmethod
   def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
     shape = np.shape(inputs)
+    dtype = jnp.result_type(inputs)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+        f"{context}: inputs must be floating point, got dtype {dtype} of "
+        f"shape {tuple(shape)}; embed token ids first (e.g. with hk.Embed), "
+        "or cast the inputs to a float dtype"
+      )
     if len(shape) < num_feature_axes + 1:
       layout = (
         "(time, *batch, *features)"
@@ -609,7 +638,12 @@ def check_initial_carry(
   leaves, tree = jax.tree.flatten(initial_carry)
   got = [tuple(np.shape(leaf)) for leaf in leaves]
   want = [tuple(leaf.shape) for leaf in expected_leaves]
-  if tree != expected_tree or got != want:
+  if tree != expected_tree:
+    raise ValueError(
+      f"{context}: initial_carry must match the cell's carry for these "
+      f"inputs: {_structure_mismatch(cell, expected, initial_carry)}"
+    )
+  if got != want:
     raise ValueError(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs, shapes {jax.tree.unflatten(expected_tree, want)}; got "
@@ -622,3 +656,37 @@ def check_initial_carry(
       for leaf, spec in zip(leaves, expected_leaves, strict=True)
     ],
   )
+
+
+def _structure_mismatch(cell, expected: Carry, carry: Carry) -> str:
+  """Says what carry structure ``cell`` expects and what ``carry`` has."""
+
+  def describe(tree):
+    leaves, structure = jax.tree.flatten(tree)
+    if structure.num_nodes == 1:
+      return f"a single array of shape {tuple(np.shape(leaves[0]))}"
+    shapes = jax.tree.unflatten(
+      structure, [_Shape(np.shape(leaf)) for leaf in leaves]
+    )
+    arrays = "array" if len(leaves) == 1 else "arrays"
+    return f"a {type(tree).__name__} of {len(leaves)} {arrays}, {shapes!r}"
+
+  message = (
+    f"{type(cell).__name__} {cell.module_name!r} carries "
+    f"{describe(expected)}; got {describe(carry)}"
+  )
+  if jax.tree.structure(expected).num_nodes == 1 and (
+    isinstance(carry, (tuple, list)) and len(carry) == 1
+  ):
+    message += (
+      "; this cell's carry is a single array: pass it itself, not in a "
+      f"1-{type(carry).__name__}"
+    )
+  return message
+
+
+class _Shape(tuple):
+  """A shape that prints as one, as a leaf of a structure being described."""
+
+  def __repr__(self):
+    return str(tuple(int(d) for d in self))

@@ -45,6 +45,7 @@ def segment_ids(
   time: int,
   time_major: bool,
   context: str,
+  feature_shape: Sequence[int] = (),
 ) -> Array | None:
   """Validates a mask or lengths and returns int32 segment ids (or None).
 
@@ -56,6 +57,9 @@ def segment_ids(
     time: the length of the time axis of the inputs.
     time_major: the layout of ``segmentation_mask`` and of the result.
     context: the caller's name, for error messages.
+    feature_shape: the feature axes of the inputs; with it, a mask or
+      lengths shaped for inputs with one more axis says so (inputs missing
+      their feature axis).
 
   Returns:
     ``None`` when neither is given (every step is valid), else int32 segment
@@ -67,6 +71,7 @@ def segment_ids(
       a row, negative or decreasing ids.
   """
   batch_shape = tuple(batch_shape)
+  layout = _InputsLayout(batch_shape, time, tuple(feature_shape), time_major)
   if segmentation_mask is not None and seq_lengths is not None:
     raise ValueError(
       f"{context}: pass either segmentation_mask or seq_lengths, not both; "
@@ -74,22 +79,60 @@ def segment_ids(
       f" and seq_lengths of shape {_describe(np.shape(seq_lengths))}"
     )
   if seq_lengths is not None:
-    return _ids_from_lengths(
-      seq_lengths, batch_shape, time, time_major, context
-    )
+    return _ids_from_lengths(seq_lengths, layout, context)
   if segmentation_mask is not None:
-    return _ids_from_mask(
-      segmentation_mask, batch_shape, time, time_major, context
-    )
+    return _ids_from_mask(segmentation_mask, layout, context)
   return None
 
 
-def _ids_from_lengths(lengths, batch_shape, time, time_major, context):
+class _InputsLayout:
+  """The axes of the inputs a mask or lengths must fit, for error messages."""
+
+  def __init__(self, batch_shape, time, feature_shape, time_major):
+    self.batch_shape = batch_shape
+    self.time = time
+    self.feature_shape = feature_shape
+    self.time_major = time_major
+
+  @property
+  def mask_shape(self) -> tuple[int, ...]:
+    if self.time_major:
+      return (self.time, *self.batch_shape)
+    return (*self.batch_shape, self.time)
+
+  def missing_axis_hint(self, shape, *, lengths: bool) -> str:
+    """Says so when ``shape`` fits inputs that have one more axis.
+
+    Inputs ``(*batch, time, features)`` that lack their feature axis are read
+    with their time axis as features: the mask or lengths meant for them then
+    has one axis more than expected.
+    """
+    if not self.feature_shape:
+      return ""
+    shifted = (*self.mask_shape, self.feature_shape[0])
+    if lengths:
+      shifted = shifted[1:] if self.time_major else shifted[:-1]
+    if tuple(shape) != shifted:
+      return ""
+    if self.time_major:
+      inputs = (self.time, *self.batch_shape, *self.feature_shape)
+    else:
+      inputs = (*self.batch_shape, self.time, *self.feature_shape)
+    return (
+      f"; that shape would fit if the inputs, of shape {_describe(inputs)}, "
+      "had one more axis: are they missing their feature axis? (inputs[..., "
+      "None] gives one feature per step)"
+    )
+
+
+def _ids_from_lengths(lengths, layout, context):
+  batch_shape, time = layout.batch_shape, layout.time
   lengths = jnp.asarray(lengths) if is_concrete(lengths) else lengths
   if tuple(lengths.shape) != batch_shape:
     raise ValueError(
       f"{context}: seq_lengths must have shape (*batch,) = "
       f"{_describe(batch_shape)}, got {_describe(lengths.shape)}"
+      + layout.missing_axis_hint(lengths.shape, lengths=True)
     )
   if not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(
@@ -107,55 +150,85 @@ def _ids_from_lengths(lengths, batch_shape, time, time_major, context):
       )
   steps = jnp.arange(time, dtype=jnp.int32)
   ids = (steps < lengths[..., None]).astype(jnp.int32)
-  return jnp.moveaxis(ids, -1, 0) if time_major else ids
+  return jnp.moveaxis(ids, -1, 0) if layout.time_major else ids
 
 
-def _ids_from_mask(mask, batch_shape, time, time_major, context):
+def _ids_from_mask(mask, layout, context, argument="segmentation_mask"):
   mask = jnp.asarray(mask) if is_concrete(mask) else mask
-  expected = (time, *batch_shape) if time_major else (*batch_shape, time)
-  layout = "(time, *batch)" if time_major else "(*batch, time)"
+  expected = layout.mask_shape
+  axes = "(time, *batch)" if layout.time_major else "(*batch, time)"
+  is_integer = jnp.issubdtype(mask.dtype, jnp.integer)
   if tuple(mask.shape) != expected:
+    hint = layout.missing_axis_hint(mask.shape, lengths=False)
+    if is_integer and tuple(mask.shape) == layout.batch_shape:
+      hint = (
+        "; that is the shape of seq_lengths (*batch,): pass lengths by "
+        "keyword, seq_lengths=..., not as the mask"
+      )
     raise ValueError(
-      f"{context}: segmentation_mask must have shape {layout} = "
-      f"{_describe(expected)}, got {_describe(mask.shape)}"
+      f"{context}: {argument} must have shape {axes} = "
+      f"{_describe(expected)}, got {_describe(mask.shape)}{hint}"
     )
-  if not (jnp.issubdtype(mask.dtype, jnp.integer) or mask.dtype == jnp.bool_):
+  if not (is_integer or mask.dtype == jnp.bool_):
     raise ValueError(
-      f"{context}: segmentation_mask must be an integer or bool array, got "
+      f"{context}: {argument} must be an integer or bool array, got "
       f"dtype {mask.dtype}"
     )
   if is_concrete(mask):
-    rows = np.moveaxis(np.asarray(mask), 0, -1) if time_major else mask
-    _check_mask_values(np.asarray(rows).astype(np.int64), context)
+    rows = np.moveaxis(np.asarray(mask), 0, -1) if layout.time_major else mask
+    _check_mask_values(np.asarray(rows).astype(np.int64), context, argument)
   return mask.astype(jnp.int32)
 
 
-def _check_mask_values(rows: np.ndarray, context: str) -> None:
+def _check_mask_values(
+  rows: np.ndarray, context: str, argument: str = "segmentation_mask"
+) -> None:
   """Checks concrete ids laid out as ``(*batch, time)``."""
 
-  def fail(problem, where):
-    row, step = tuple(int(i) for i in where[:-1]), int(where[-1])
+  def fail(problem, where, found):
+    row = tuple(int(i) for i in where[:-1])
     raise ValueError(
-      f"{context}: segmentation_mask {problem}; got row {row} = "
-      f"{rows[row].tolist()} (at step {step})"
+      f"{context}: {argument} {problem}; got row {row} = "
+      f"{rows[row].tolist()} ({found})"
     )
 
   if (rows < 0).any():
-    fail("ids must be non-negative", np.argwhere(rows < 0)[0])
+    where = np.argwhere(rows < 0)[0]
+    step = int(where[-1])
+    fail(
+      "ids must be non-negative",
+      where,
+      f"id {rows[tuple(where)]} at step {step}",
+    )
   valid = rows != 0
   resumed = valid[..., 1:] & ~valid[..., :-1]
   if resumed.any():
     where = np.argwhere(resumed)[0]
-    where[-1] += 1
-    fail("padding (0) must only sit at the end of a row", where)
+    step = int(where[-1]) + 1
+    row = rows[tuple(where[:-1])]
+    # The padding run that this id follows, from its first step.
+    first = step - 1
+    while first > 0 and row[first - 1] == 0:
+      first -= 1
+    padding = (
+      f"step {first}" if first == step - 1 else f"steps {first} to {step - 1}"
+    )
+    fail(
+      "padding (0) must only sit at the end of a row",
+      where,
+      f"padding at {padding}, then id {row[step]} at step {step}",
+    )
   decreased = valid[..., 1:] & (rows[..., 1:] < rows[..., :-1])
   if decreased.any():
     where = np.argwhere(decreased)[0]
-    where[-1] += 1
+    step = int(where[-1]) + 1
+    row = rows[tuple(where[:-1])]
     fail(
       "segment ids must not decrease along a row (each segment "
       "contiguous, ids non-decreasing)",
       where,
+      f"id {row[step - 1]} at step {step - 1}, then id {row[step]} at step "
+      f"{step}",
     )
 
 
@@ -391,10 +464,47 @@ def last_segment_ids(
 
   Returns:
     int32 ``(*batch,)``.
+
+  Raises:
+    ValueError: as ``RNN`` does for its mask: a mask without a time axis, of
+      a dtype other than integer or bool, or (when concrete) with padding
+      before the end of a row, negative or decreasing ids; and ``previous``
+      of a shape other than the mask's batch axes, or not integer.
   """
-  ids = jnp.asarray(segmentation_mask).astype(jnp.int32)
+  context = "last_segment_ids"
+  mask = segmentation_mask
+  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  axes = "(time, *batch)" if time_major else "(*batch, time)"
+  if mask.ndim < 1:
+    raise ValueError(
+      f"{context}: segmentation_mask must have shape {axes}, with a time "
+      f"axis, got {_describe(mask.shape)}"
+    )
+  batch_shape = mask.shape[1:] if time_major else mask.shape[:-1]
+  if previous is not None:
+    previous = jnp.asarray(previous) if is_concrete(previous) else previous
+    if tuple(previous.shape) != tuple(batch_shape):
+      hint = ""
+      if tuple(previous.shape) == tuple(mask.shape):
+        hint = (
+          "; segmentation_mask has the shape of previous, so no time axis: "
+          "is it seq_lengths rather than a mask?"
+        )
+      raise ValueError(
+        f"{context}: previous must have shape (*batch,) = "
+        f"{_describe(batch_shape)} for segmentation_mask of shape {axes} = "
+        f"{_describe(mask.shape)}, got {_describe(previous.shape)}{hint}"
+      )
+    if not jnp.issubdtype(previous.dtype, jnp.integer):
+      raise ValueError(
+        f"{context}: previous must be an integer array, got dtype "
+        f"{previous.dtype}"
+      )
+  time = mask.shape[0] if time_major else mask.shape[-1]
+  layout = _InputsLayout(tuple(batch_shape), time, (), time_major)
+  ids = _ids_from_mask(mask, layout, context)
   # Ids never decrease along a row and padding is 0, so the last is the max.
-  last = jnp.max(ids, axis=0 if time_major else -1)
+  last = jnp.max(ids, axis=0 if time_major else -1, initial=0)
   if previous is None:
     return last
-  return jnp.where(last == 0, jnp.asarray(previous, jnp.int32), last)
+  return jnp.where(last == 0, previous.astype(jnp.int32), last)

@@ -165,6 +165,7 @@ class StackedRNN(hk.Module):
       time=layout.time,
       time_major=time_major,
       context="StackedRNN",
+      feature_shape=layout.feature_shape,
     )
     if max_segments is not None and segmentation_mask is not None:
       sequences.check_segment_count(
@@ -177,6 +178,11 @@ class StackedRNN(hk.Module):
     ):
       layer_inputs = outputs
       if index and is_training and self.dropout_rate:
+        dropout.require_rng(
+          "StackedRNN",
+          f"is_training=True applies dropout_rate={self.dropout_rate} "
+          f"between the layers of StackedRNN {self.module_name!r}",
+        )
         layer_inputs = hk.dropout(
           hk.next_rng_key(), self.dropout_rate, layer_inputs
         )
