@@ -488,6 +488,40 @@ class SegmentCarriesTest(parameterized.TestCase):
       np.testing.assert_allclose(chunked[1, 0], full[1, 0], rtol=1e-5)
       np.testing.assert_allclose(chunked[3, 0], full[3, 1], rtol=1e-5)
 
+  def test_a_users_cell_through_the_step_path(self):
+    class Counter(hk_rnn.RNNCellBase):
+      """Carries ``{"sum": Σx, "steps": n}``; a dict, to test pytrees."""
+
+      def __call__(self, carry, inputs):
+        scale = hk.get_parameter("scale", (), init=jnp.ones)
+        new = {
+          "sum": carry["sum"] + scale * inputs,
+          "steps": carry["steps"] + 1,
+        }
+        return new, new["sum"]
+
+      def initialize_carry(self, sample_inputs, rng=None):
+        del rng
+        return {
+          "sum": jnp.zeros_like(sample_inputs),
+          "steps": jnp.zeros(sample_inputs.shape[:-1] + (1,)),
+        }
+
+    inputs, ids = _inputs(), jnp.asarray(IDS)
+    model = test_utils.transform(
+      lambda x, m, **o: hk_rnn.RNN(Counter())(x, m, reverse=True, **o)
+    )
+    params = model.init(jax.random.PRNGKey(0), inputs, ids)
+    carries, _ = model.apply(params, inputs, ids, max_segments=SLOTS)
+    for b in range(4):
+      segments = test_utils.segments_of(IDS[b])
+      for k in range(SLOTS):
+        steps = segments[k] if k < len(segments) else []
+        np.testing.assert_allclose(
+          carries["sum"][b, k], inputs[b, steps].sum(0), atol=1e-6
+        )
+        self.assertEqual(carries["steps"][b, k, 0], len(steps))
+
   @parameterized.parameters("rnn", "bidirectional", "stacked")
   def test_bad_max_segments(self, layer):
     model = _forward("gru", layer=layer)

@@ -427,7 +427,9 @@ class RNN(hk.Module):
         ``(*batch,)``: the segment each row's ``initial_carry`` belongs to
         (``hk_rnn.last_segment_ids`` of the previous chunk's mask). A row's
         first segment continues from ``initial_carry`` when its id matches;
-        every other segment starts from the cell's own initial carry. Not
+        every other segment (at the chunk's start or in its middle) starts
+        from the cell's own initial carry. Without it every segment starts
+        from ``initial_carry``, one in the middle of the chunk included. Not
         with ``reverse``.
       max_segments: return the carry of every segment instead of each row's
         last: with an int K every leaf of the returned carry gains an axis
