@@ -67,8 +67,12 @@ class RNNCellBase(hk.Module, abc.ABC):
     ``sequence`` holds what the kernels in ``fused.py`` take by keyword, as
     ``RNN`` computes it: ``valid`` and ``reset``, ``(time, batch)`` bools;
     ``reset_carry``, the carry a row restarts from where ``reset``;
-    ``recurrent_mask``. Returns ``(final_carry, outputs)`` exactly as the
-    masked step loop would.
+    ``recurrent_mask``; and, only when ``RNN`` needs per-segment carries
+    (``max_segments`` over packed rows), ``return_step_carries=True``.
+    Returns ``(final_carry, outputs)`` exactly as the masked step loop
+    would, and with ``return_step_carries`` also the carry after every
+    step, leaves ``(time, batch, ...)`` (their values at padded steps are
+    never read).
     """
     del inputs, initial_carry, unroll, sequence
     return None
