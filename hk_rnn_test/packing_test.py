@@ -254,10 +254,19 @@ class UnpackSequencesTest(parameterized.TestCase):
       hk_rnn.unpack_sequences(np.zeros((7, 2, 2)), self.packed)
     with self.assertRaisesRegex(ValueError, "packed must be the"):
       hk_rnn.unpack_sequences(self.packed.inputs, {"rows": 1})
+    needed = self.packed.slots.max() + 1
     with self.assertRaisesRegex(
-      ValueError, r"unpack_segments: segment_carries leaves must be"
+      ValueError,
+      r"unpack_segments: segment_carries leaves must be \(rows, K, \.\.\.\) "
+      rf"with rows = 4 and K >= {needed} slots",
     ):
-      hk_rnn.unpack_segments(np.zeros((2, 9, 3)), self.packed)
+      hk_rnn.unpack_segments(np.zeros((4, needed - 1, 3)), self.packed)
+    # More slots than needed (a fixed max_segments across batches) is fine.
+    wide = np.arange(4 * 9).reshape(4, 9, 1)
+    np.testing.assert_array_equal(
+      hk_rnn.unpack_segments(wide, self.packed)[:, 0],
+      9 * self.packed.rows + self.packed.slots,
+    )
 
 
 def _forward(kind, *, layer="rnn", fused_kernel=True, reverse=False, **rnn):

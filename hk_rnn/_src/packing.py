@@ -446,8 +446,8 @@ def unpack_segments(segment_carries: PyTree, packed: PackedSequences) -> PyTree:
   ((4, 5), True)
 
   Args:
-    segment_carries: a pytree with leaves ``(rows, packed.max_segments,
-      ...)``.
+    segment_carries: a pytree with leaves ``(rows, K, ...)``, K at least
+      the slots ``packed`` uses (``packed.max_segments`` always is).
     packed: what :func:`pack_sequences` returned.
 
   Returns:
@@ -455,13 +455,15 @@ def unpack_segments(segment_carries: PyTree, packed: PackedSequences) -> PyTree:
   """
   context = "unpack_segments"
   packed = _check_packed(packed, context)
-  expected = (packed.num_rows, packed.max_segments)
+  needed = int(packed.slots.max()) + 1
   for leaf in _leaves(segment_carries, context, "segment_carries"):
-    if tuple(np.shape(leaf)[:2]) != expected:
+    shape = tuple(np.shape(leaf))
+    if len(shape) < 2 or shape[0] != packed.num_rows or shape[1] < needed:
       raise ValueError(
-        f"{context}: segment_carries leaves must be (rows, max_segments, "
-        f"...) = ({expected[0]}, {expected[1]}, ...) (run the RNN with "
-        f"max_segments=packed.max_segments), got {tuple(np.shape(leaf))}"
+        f"{context}: segment_carries leaves must be (rows, K, ...) with rows "
+        f"= {packed.num_rows} and K >= {needed} slots (run the RNN with "
+        f"max_segments=packed.max_segments = {packed.max_segments}), got "
+        f"{shape}"
       )
   return jax.tree.map(
     lambda leaf: jnp.asarray(leaf)[packed.rows, packed.slots], segment_carries
