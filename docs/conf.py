@@ -114,8 +114,9 @@ pygments_dark_style = "monokai"
 GROUPS = (
   ("Cells", "One step of a recurrent network, and the base class."),
   ("Layers", "Modules that run a cell over whole sequences."),
+  ("Haiku cores", "``hk.RNNCore`` modules, for Haiku's own unrolls."),
   ("Functions", "Pure functions on sequences, masks and batches."),
-  ("Other", "Everything else that is public."),
+  ("Data types", "What the functions above return and take."),
 )
 
 
@@ -135,12 +136,14 @@ def group_of(value: object) -> str:
   if inspect.isclass(value):
     if issubclass(value, hk_rnn.RNNCellBase):
       return "Cells"
+    if issubclass(value, hk.RNNCore):
+      return "Haiku cores"
     if issubclass(value, hk.Module):
       return "Layers"
-    return "Other"
+    return "Data types"
   if inspect.isfunction(value) or inspect.isbuiltin(value):
     return "Functions"
-  return "Other"
+  return "Data types"
 
 
 def page_text(module_name: str, name: str, value: object) -> str:
@@ -166,9 +169,13 @@ def index_text(modules: list[tuple[str, object]]) -> str:
     "API reference",
     "=============",
     "",
-    "Every public name, generated from the docstrings. Everything here is "
-    "imported with ``import hk_rnn`` (and ``hk_rnn.interop`` for the weight "
-    "converters) and used inside ``hk.transform``, as any Haiku module is.",
+    "Every public name, generated from the docstrings. ``import hk_rnn`` "
+    "gives all of ``hk_rnn.*``"
+    + "".join(
+      f"; ``import {module_name}`` gives ``{module_name}.*``"
+      for module_name, _ in modules[1:]
+    )
+    + ". Modules are used inside ``hk.transform``, as any Haiku module is.",
     "",
   ]
   pages = []
