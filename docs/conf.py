@@ -3,7 +3,10 @@
 Build it (offline) from the repository root:
 
     venv/bin/pip install -q -e ".[docs]" -c constraints.txt
-    venv/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+    venv/bin/sphinx-build -E -W --keep-going -b html docs docs/_build/html
+
+(``-E`` rereads every page, so that warnings of unchanged pages, errors
+under ``-W``, are not hidden by an earlier build.)
 
 The API reference is generated on every build from ``hk_rnn.__all__`` and
 from the ``__all__`` of each public submodule (``hk_rnn.interop`` and any
@@ -132,6 +135,15 @@ def public_modules() -> list[tuple[str, object]]:
   return modules
 
 
+def documented_names(module) -> list[str]:
+  """``module.__all__`` less submodules, which get sections of their own."""
+  return [
+    name
+    for name in module.__all__
+    if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
+  ]
+
+
 def group_of(value: object) -> str:
   if inspect.isclass(value):
     if issubclass(value, hk_rnn.RNNCellBase):
@@ -180,7 +192,7 @@ def index_text(modules: list[tuple[str, object]]) -> str:
   ]
   pages = []
   for module_name, module in modules:
-    names = [name for name in module.__all__ if not name.startswith("_")]
+    names = documented_names(module)
     if module_name != "hk_rnn":
       title = f"``{module_name}``"
       lines += [title, "-" * len(title), ""]
@@ -223,11 +235,10 @@ def write_api_pages(app=None) -> None:
   modules = public_modules()
   wanted = {"index.rst": index_text(modules)}
   for module_name, module in modules:
-    for name in module.__all__:
-      if not name.startswith("_"):
-        wanted[f"{module_name}.{name}.rst"] = page_text(
-          module_name, name, getattr(module, name)
-        )
+    for name in documented_names(module):
+      wanted[f"{module_name}.{name}.rst"] = page_text(
+        module_name, name, getattr(module, name)
+      )
   for file_name in os.listdir(API):
     if file_name not in wanted:
       os.remove(os.path.join(API, file_name))
