@@ -21,6 +21,13 @@ EXTRAS = {
   ],
   # The side-by-side benchmarks.
   "bench": ["torch>=2.0", "flax>=0.8", "matplotlib>=3.5"],
+  # The documentation site (docs/conf.py): Sphinx, Markdown pages, a theme.
+  "docs": [
+    "sphinx>=8",
+    "myst-parser>=4",
+    "furo>=2024.8",
+    "sphinx-copybutton>=0.5",
+  ],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

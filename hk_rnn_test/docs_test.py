@@ -1,28 +1,114 @@
-"""Runs the ``>>>`` examples of the documentation pages under docs/."""
+"""Runs every Python example of the documentation's guides and the README.
+
+Each page's ```python blocks run in page order in one namespace, as a
+reader pasting them one after another would run them. A block of ``>>>``
+lines runs as a doctest (what it prints must match, with pyproject.toml's
+option flags); any other block runs as a script. Code that is not meant to
+run is fenced as ```text (or ```bash for commands).
+"""
 
 import doctest
+import glob
 import os
+import re
+import tempfile
 
 from absl.testing import absltest, parameterized
 
-DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs")
-# The pages whose examples are written to run; every example on them must.
-PAGES = ("naming.md",)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
+_FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 
-class DocsTest(parameterized.TestCase):
-  @parameterized.named_parameters(
-    (page.removesuffix(".md"), page) for page in PAGES
-  )
-  def test_examples_run(self, page):
-    result = doctest.testfile(
-      os.path.join(DOCS, page),
-      module_relative=False,
-      optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS,
-      verbose=False,
+def _read(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+# The pages that hold Python examples.
+_PAGES = [
+  path
+  for path in sorted(glob.glob(os.path.join(_REPO, "docs", "*.md")))
+  + [os.path.join(_REPO, "README.md")]
+  if _BLOCK.search(_read(path))
+]
+
+
+def python_blocks(text: str) -> list[tuple[int, str]]:
+  """``(line, code)`` of each ```python block, ``line`` 1-based."""
+  return [
+    (text.count("\n", 0, match.start(1)) + 1, match.group(1))
+    for match in _BLOCK.finditer(text)
+  ]
+
+
+def run_page(path: str) -> list[str]:
+  """Runs a page's blocks; returns one report per failing block."""
+  text = _read(path)
+  name = os.path.relpath(path, _REPO)
+  namespace = {"__name__": f"docs_{os.path.basename(path)[:-3]}"}
+  failures = []
+  for line, code in python_blocks(text):
+    where = f"{name}:{line}"
+    if code.lstrip().startswith(">>>"):
+      test = doctest.DocTestParser().get_doctest(
+        code, namespace, where, path, line - 1
+      )
+      report = []
+      runner = doctest.DocTestRunner(optionflags=_FLAGS)
+      runner.run(test, out=report.append, clear_globs=False)
+      namespace.update(test.globs)  # DocTest runs in a copy of them
+      if runner.failures:
+        failures.append("".join(report))
+    else:
+      try:
+        exec(compile(code, where, "exec"), namespace)  # noqa: S102
+      except Exception as error:  # noqa: BLE001 - reported with its place
+        failures.append(f"{where}: {type(error).__name__}: {error}")
+  return failures
+
+
+class BlocksTest(absltest.TestCase):
+  def page(self, text: str) -> str:
+    """A page holding ``text`` in a temporary folder, removed afterwards."""
+    folder = tempfile.TemporaryDirectory()
+    self.addCleanup(folder.cleanup)
+    path = os.path.join(folder.name, "page.md")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    return path
+
+  def test_finds_blocks_and_their_lines(self):
+    text = "intro\n```python\nx = 1\n```\n```bash\nls\n```\n```python\n>>> 1\n1\n```\n"
+    self.assertEqual(python_blocks(text), [(3, "x = 1\n"), (9, ">>> 1\n1\n")])
+
+  def test_a_wrong_output_or_an_error_is_reported(self):
+    path = self.page(
+      "```python\n>>> 1 + 1\n3\n```\n\n```python\nraise KeyError('k')\n```\n"
     )
-    self.assertGreater(result.attempted, 0, f"{page} has no examples")
-    self.assertEqual(result.failed, 0, f"{page}: see the failures above")
+    failures = run_page(path)
+    self.assertLen(failures, 2)
+    self.assertIn("Expected:\n    3\nGot:\n    2", failures[0])
+    self.assertIn("KeyError", failures[1])
+
+  def test_blocks_share_a_namespace(self):
+    path = self.page(
+      "```python\nx = 41\n```\n\n```python\n>>> x + 1\n42\n```\n"
+    )
+    self.assertEqual(run_page(path), [])
+
+
+class PagesTest(parameterized.TestCase):
+  def test_the_guides_have_examples(self):
+    self.assertGreaterEqual(len(_PAGES), 8, _PAGES)
+
+  @parameterized.named_parameters(
+    (os.path.relpath(path, _REPO).replace("/", "_").replace(".", "_"), path)
+    for path in _PAGES
+  )
+  def test_examples_run(self, path):
+    failures = run_page(path)
+    self.assertEmpty(failures, "\n".join(failures))
 
 
 if __name__ == "__main__":

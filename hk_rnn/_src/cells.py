@@ -289,8 +289,9 @@ class LSTMCell(_GatedCell):
   >>> c.shape, h.shape, y.shape
   ((2, 4), (2, 4), (2, 4))
 
-  Args (all but ``features`` keyword-only):
-    features: ``F``, the size of ``c`` and ``h``.
+  Args:
+    features: ``F``, the size of ``c`` and ``h`` (the other arguments are
+      keyword-only).
     gate_fn: the gate nonlinearity σ.
     activation_fn: the cell and output nonlinearity (tanh).
     w_i_init: initializer of ``w_i`` (LeCun normal).

@@ -71,7 +71,7 @@ class PackedSequences:
 
   @property
   def max_length(self) -> int:
-    """The longest sequence's length: ``unpack_sequences``' time axis."""
+    """The longest sequence's length, the time axis ``unpack_sequences`` gives."""
     return int(self.lengths.max(initial=0))
 
   @property
