@@ -2,9 +2,12 @@
 
 Cells run one step; :class:`RNN` scans a cell over padded or packed
 sequences; :class:`Bidirectional` runs two RNNs in opposite directions;
-:func:`flip_sequences` reverses sequences in place.
+:func:`flip_sequences` reverses sequences in place. :class:`CoreCell` and
+:class:`CellCore` adapt Haiku cores and hk_rnn cells to each other;
+:mod:`hk_rnn.interop` converts weights from PyTorch, Flax, Keras and Haiku.
 """
 
+from hk_rnn import interop
 from hk_rnn._src.bidirectional import Bidirectional
 from hk_rnn._src.cells import (
   ConvLSTMCell,
@@ -14,6 +17,7 @@ from hk_rnn._src.cells import (
   RNNCellBase,
   SimpleCell,
 )
+from hk_rnn._src.cores import CellCore, CoreCell
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
 from hk_rnn._src.stacked import StackedRNN
@@ -23,7 +27,9 @@ __version__ = "0.1.0"
 __all__ = (
   "RNN",
   "Bidirectional",
+  "CellCore",
   "ConvLSTMCell",
+  "CoreCell",
   "GRUCell",
   "LSTMCell",
   "MGUCell",
@@ -31,5 +37,6 @@ __all__ = (
   "SimpleCell",
   "StackedRNN",
   "flip_sequences",
+  "interop",
   "last_segment_ids",
 )
