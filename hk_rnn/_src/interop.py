@@ -15,10 +15,11 @@ its parameters have a cell's layout: ``w_i, w_h, b`` with ``w_h`` of width
 second and later ones of a name in the same scope: ``lstm_cell``,
 ``lstm_cell_1``, ..., ``lstm_cell_10``. Cells are ordered by their module
 names, compared one ``/``-separated component at a time: instances of the
-same name in numeric order (``lstm_cell_2`` before ``lstm_cell_10``);
-different names in the order they first appear in ``params``, except that a
-``forward...`` name comes before its ``backward...`` twin. On params as
-``init`` returned them (created in order) that is the creation order. A
+same name in numeric order (``lstm_cell_2`` before ``lstm_cell_10``, and
+``rnn/lstm_cell`` before ``rnn_1/lstm_cell``), a ``forward...`` name before
+its ``backward...`` twin; all other cells keep the order in which they
+appear in ``params``. On params as ``init`` returned them (created in order)
+that is the creation order. A
 params tree that went through ``jax.tree.map``, ``jax.jit`` or a checkpoint
 restore has its keys sorted, which loses the order between cells of
 different kinds (``gru_cell`` now sorts before ``lstm_cell``); so when the
@@ -127,27 +128,32 @@ _DIRECTIONS = re.compile(r"^(forward|backward)(.*)$")
 def _naming_order(paths: Sequence[tuple[str, ...]]) -> list[int]:
   """Indices of ``paths`` (tuples of name components) in creation order.
 
-  See the module docstring: numbered names in numeric order, different names
-  in order of first appearance, ``forward...`` before ``backward...``.
+  Paths that differ only in their numbers (``rnn/lstm_cell_2``,
+  ``rnn_1/lstm_cell``) or in a ``forward``/``backward`` prefix are instances
+  of one name: among the places they hold in ``paths`` they are put in
+  numeric order, forward before backward. Every other path keeps its place.
   """
-  first_seen: dict[tuple[Any, ...], int] = {}
+  groups: dict[tuple[str, ...], list[int]] = collections.defaultdict(list)
   keys = []
-  for path in paths:
-    key = []
-    for depth, component in enumerate(path):
+  for index, path in enumerate(paths):
+    skeleton, key = [], []
+    for component in path:
       match = _NUMBERED.match(component)
       base, number = (match[1], int(match[2])) if match else (component, 0)
       direction = _DIRECTIONS.match(base)
-      twin, backward = (
-        (direction[2], direction[1] == "backward")
-        if direction
-        else (base, False)
-      )
-      group = (path[:depth], twin, direction is not None)
-      first_seen.setdefault(group, len(first_seen))
-      key.append((first_seen[group], number, backward, base))
+      if direction:
+        base = "<direction>" + direction[2]
+      skeleton.append(base)
+      key.append((number, bool(direction) and direction[1] == "backward"))
+    groups[tuple(skeleton)].append(index)
     keys.append(tuple(key))
-  return sorted(range(len(paths)), key=keys.__getitem__)
+  order = list(range(len(paths)))
+  for members in groups.values():
+    for place, index in zip(
+      members, sorted(members, key=keys.__getitem__), strict=True
+    ):
+      order[place] = index
+  return order
 
 
 def _is_sorted(keys: Sequence[str]) -> bool:
@@ -513,8 +519,8 @@ def to_torch(params: Params, module: Any) -> Any:
         layer, cell = pairs[position]
         position += 1
         suffix = f"_l{index}{'_reverse' if reverse else ''}"
-        entry = {
-          key: np.asarray(jnp.asarray(value, jnp.float32))
+        entry = {  # writable float32 copies, which torch.from_numpy takes
+          key: np.array(jnp.asarray(value, jnp.float32))
           for key, value in cell.entry.items()
         }
         if kind == "gru":
