@@ -301,7 +301,7 @@ class TorchTest(parameterized.TestCase):
       ValueError,
       r"from_torch: cell 'lstm_cell' \(LSTMCell\) is recurrent cell 0 but the "
       r"source's layer there, layer 0 forward \(weight_ih_l0\), an nn.GRU, "
-      r"needs a GRUCell",
+      r"needs an hk_rnn.GRUCell",
     ):
       hk_rnn.interop.from_torch(self._module("GRU", {}, 2, True, True), params)
     wide = torch.nn.LSTM(INPUTS, HIDDEN + 1, num_layers=2, bidirectional=True)
@@ -309,8 +309,8 @@ class TorchTest(parameterized.TestCase):
       ValueError,
       r"from_torch: cell 'lstm_cell' \(LSTMCell\) does not match the "
       r"source's layer 0 forward .*: its w_i has shape \(3, 16\), the "
-      r"source's \(3, 20\) \(input size 3, 5 features vs input size 3, 4 "
-      r"features\)",
+      r"source's \(3, 20\) \(the source's layer has input size 3 and 5 "
+      r"features, the cell input size 3 and 4 features\)",
     ):
       hk_rnn.interop.from_torch(wide, params)
     projected = torch.nn.LSTM(INPUTS, HIDDEN, proj_size=2)
@@ -462,7 +462,7 @@ class FlaxTest(absltest.TestCase):
     with self.assertRaisesRegex(
       ValueError,
       r"from_flax: cell 'mgu_cell' \(MGUCell\) is recurrent cell 0 but the "
-      r"source's layer there, 'cell' \(Flax GRUCell\), needs a GRUCell",
+      r"source's layer there, 'cell' \(Flax GRUCell\), needs an hk_rnn.GRUCell",
     ):
       hk_rnn.interop.from_flax(gru, params)
     with self.assertRaisesRegex(
@@ -556,6 +556,27 @@ class KerasTest(absltest.TestCase):
       rtol=0,
     )
 
+  def test_rnn_of_cells_gives_each_cell_in_order(self):
+    layers = self.keras.layers
+    rnn = layers.RNN([layers.LSTMCell(HIDDEN), layers.GRUCell(HIDDEN)])
+    rnn.build((1, 2, INPUTS))
+    for seed, weight in enumerate(rnn.weights):
+      weight.assign(np.random.default_rng(seed).normal(size=weight.shape))
+    params = _cells_step(
+      [HK_RNN_CELL["LSTM"], HK_RNN_CELL["GRU"]], jnp.ones((1, INPUTS))
+    )
+    loaded = hk_rnn.interop.from_keras(rnn, params)
+    lstm, gru = rnn.cell.cells
+    np.testing.assert_allclose(loaded["lstm_cell"]["w_i"], lstm.kernel)
+    # Keras's GRU blocks are z, r, h; hk_rnn's r, z, n.
+    bias = np.asarray(gru.bias)
+    np.testing.assert_allclose(
+      loaded["gru_cell"]["b_h"],
+      np.concatenate(
+        [bias[1, HIDDEN : 2 * HIDDEN], bias[1, :HIDDEN], bias[1, 2 * HIDDEN :]]
+      ),
+    )
+
   def test_mismatches(self):
     layers = self.keras.layers
     before = layers.GRU(HIDDEN, reset_after=False)
@@ -574,7 +595,7 @@ class KerasTest(absltest.TestCase):
     with self.assertRaisesRegex(
       ValueError,
       r"from_keras: cell 'gru_cell' \(GRUCell\) is recurrent cell 0 but the "
-      r"source's layer there, layer '.*' \(Keras LSTM\), needs a LSTMCell",
+      r"source's layer there, layer '.*' \(Keras LSTM\), needs an hk_rnn.LSTMCell",
     ):
       hk_rnn.interop.from_keras(lstm, params)
 

@@ -182,8 +182,8 @@ def _describe_cell(cell: _Cell) -> str:
 
 
 def _kind_counts(kinds: Sequence[str]) -> str:
-  counts = collections.Counter(kinds)
-  return ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+  counts = collections.Counter(_CELL_NAMES[kind] for kind in kinds)
+  return ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
 
 
 def _match(
@@ -226,7 +226,7 @@ def _match(
     raise ValueError(
       f"{context}: {_describe_cell(cells[index])} is recurrent cell "
       f"{index} but the source's layer there, {layers[index].description}, "
-      f"needs a {_CELL_NAMES[layers[index].kind]} (the source has "
+      f"needs an hk_rnn.{_CELL_NAMES[layers[index].kind]} (the source has "
       f"{_kind_counts(layer_kinds)}; params have {_kind_counts(cell_kinds)})"
     )
   for layer, cell in pairs:
@@ -236,13 +236,14 @@ def _match(
         raise ValueError(
           f"{context}: {_describe_cell(cell)} does not match the source's "
           f"{layer.description}: its {key} has shape {have}, the source's "
-          f"{shape} ({_sizes(layer.shapes)} vs {_sizes_of(cell)})"
+          f"{shape} (the source's layer has {_sizes(layer.shapes)}, the "
+          f"cell {_sizes_of(cell)})"
         )
   return pairs
 
 
 def _sizes(shapes: Mapping[str, tuple[int, ...]]) -> str:
-  return f"input size {shapes['w_i'][-2]}, {shapes['w_h'][-2]} features"
+  return f"input size {shapes['w_i'][-2]} and {shapes['w_h'][-2]} features"
 
 
 def _sizes_of(cell: _Cell) -> str:
@@ -259,7 +260,10 @@ def _load(
   """A copy of ``params`` with the cells' weights taken from ``layers``."""
   cells = _cells(params, context)
   pairs = _match(layers, cells, context, source_sorted, _is_sorted(params))
-  loaded = {module: dict(entry) for module, entry in params.items()}
+  loaded = {
+    module: dict(entry) if isinstance(entry, Mapping) else entry
+    for module, entry in params.items()
+  }
   for layer, cell in pairs:
     for key, value in layer.arrays.items():
       loaded[cell.module][key] = jnp.asarray(
@@ -663,15 +667,15 @@ def _is_sorted_tree(tree: Any) -> bool:
 # -------------------------------------------------------------------- Keras
 
 
-def _keras_layers(keras, item: Any, where: str, layers: list) -> None:
+def _keras_layers(keras, item: Any, layers: list) -> None:
   """Appends the recurrent layers of ``item`` (a layer, model or list)."""
   context = "from_keras"
   if isinstance(item, (list, tuple)):
-    for index, child in enumerate(item):
-      _keras_layers(keras, child, f"{where}[{index}]", layers)
+    for child in item:
+      _keras_layers(keras, child, layers)
   elif isinstance(item, keras.layers.Bidirectional):
-    _keras_layers(keras, item.forward_layer, f"'{item.name}' forward", layers)
-    _keras_layers(keras, item.backward_layer, f"'{item.name}' backward", layers)
+    _keras_layers(keras, item.forward_layer, layers)
+    _keras_layers(keras, item.backward_layer, layers)
   elif isinstance(item, keras.layers.RNN):
     cells = getattr(item.cell, "cells", None) or [item.cell]
     for number, cell in enumerate(cells):
@@ -679,7 +683,7 @@ def _keras_layers(keras, item: Any, where: str, layers: list) -> None:
       layers.append(_keras_cell(keras, cell, name, context))
   elif hasattr(item, "layers"):
     for child in item.layers:
-      _keras_layers(keras, child, where, layers)
+      _keras_layers(keras, child, layers)
 
 
 def _keras_cell(keras, cell: Any, name: str, context: str) -> _Layer:
@@ -752,7 +756,7 @@ def from_keras(layer: Any, params: Params) -> dict[str, dict[str, Any]]:
   context = "from_keras"
   keras = _import("keras", context, "keras")
   layers: list[_Layer] = []
-  _keras_layers(keras, layer, "layer", layers)
+  _keras_layers(keras, layer, layers)
   return _load(context, layers, params)
 
 
