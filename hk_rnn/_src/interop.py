@@ -200,6 +200,8 @@ def _match(
     if len(cells) < len(layers):
       missing = layers[len(cells)]
       what = f"the source's {missing.description} has no cell to go to"
+      if cells:
+        what += f" (the last cell is '{cells[-1].module}')"
     else:
       what = f"{_describe_cell(cells[len(layers)])} has no source layer"
     raise ValueError(
