@@ -808,6 +808,22 @@ def from_haiku(hk_params: Params, params: Params) -> dict[str, dict[str, Any]]:
   its own gate order), which no hk_rnn cell computes: run it through
   ``hk_rnn.CoreCell(hk.GRU(...))`` instead.
 
+  >>> import haiku as hk, jax, jax.numpy as jnp, numpy as np, hk_rnn
+  >>> x = jnp.ones((2, 3))
+  >>> def haiku_step(x):
+  ...   core = hk.LSTM(4)
+  ...   return core(x, core.initial_state(2))
+  >>> haiku = hk.transform(haiku_step)
+  >>> hk_params = haiku.init(jax.random.key(0), x)
+  >>> step = hk.transform(lambda x: hk_rnn.LSTMCell(4)(
+  ...     (jnp.zeros((2, 4)), jnp.zeros((2, 4))), x))
+  >>> params = hk_rnn.interop.from_haiku(
+  ...     hk_params, step.init(jax.random.key(1), x))
+  >>> h, _ = haiku.apply(hk_params, None, x)
+  >>> _, y = step.apply(params, None, x)
+  >>> bool(np.allclose(h, y, atol=1e-6))
+  True
+
   Args:
     hk_params: the Haiku model's params.
     params: the hk_rnn model's params.
