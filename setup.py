@@ -10,6 +10,7 @@ EXTRAS = {
     "pytest-xdist>=3",
     "torch>=2.0",
     "flax>=0.8",
+    "keras>=3",
     "ruff>=0.5",
   ],
   # The example trainers.

@@ -5,8 +5,12 @@ sequences; :class:`Bidirectional` runs two RNNs in opposite directions;
 :func:`flip_sequences` reverses sequences in place; :func:`pack_sequences`
 packs variable-length sequences into rows and :func:`unpack_sequences` /
 :func:`unpack_segments` read each one's outputs and carry back.
+:class:`CoreCell` and :class:`CellCore` adapt Haiku cores and hk_rnn cells
+to each other; :mod:`hk_rnn.interop` converts weights from PyTorch, Flax,
+Keras and Haiku.
 """
 
+from hk_rnn import interop
 from hk_rnn._src.bidirectional import Bidirectional
 from hk_rnn._src.cells import (
   ConvLSTMCell,
@@ -16,6 +20,7 @@ from hk_rnn._src.cells import (
   RNNCellBase,
   SimpleCell,
 )
+from hk_rnn._src.cores import CellCore, CoreCell
 from hk_rnn._src.packing import (
   PackedSequences,
   pack_sequences,
@@ -31,7 +36,9 @@ __version__ = "0.1.0"
 __all__ = (
   "RNN",
   "Bidirectional",
+  "CellCore",
   "ConvLSTMCell",
+  "CoreCell",
   "GRUCell",
   "LSTMCell",
   "MGUCell",
@@ -40,6 +47,7 @@ __all__ = (
   "SimpleCell",
   "StackedRNN",
   "flip_sequences",
+  "interop",
   "last_segment_ids",
   "pack_sequences",
   "unpack_segments",
