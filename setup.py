@@ -4,13 +4,15 @@ import setuptools
 
 EXTRAS = {
   # The runner (spread over every core with ``-n auto``), oracles the tests
-  # compare against (skipped when absent) and the linter.
+  # compare against (skipped when absent), the linter and hypothesis (the
+  # property-based tests).
   "test": [
     "pytest>=7",
     "pytest-xdist>=3",
     "torch>=2.0",
     "flax>=0.8",
     "ruff>=0.5",
+    "hypothesis>=6.0",
   ],
   # The example trainers.
   "examples": [
