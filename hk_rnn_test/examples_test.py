@@ -340,7 +340,9 @@ class TrainerTest(parameterized.TestCase):
     # A folder under a file cannot be made, not even by root.
     parent = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "a_file")
     open(parent, "w").close()
-    process = run_trainer("addition", f"--output_dir={parent}/run")
+    process = run_trainer(
+      "addition", *_TINY_FLAGS["addition"], f"--output_dir={parent}/run"
+    )
     self.assertEqual(process.returncode, 1, process.stderr)
     self.assertNotIn("Traceback", process.stderr)
     lines = error_lines(process.stderr)

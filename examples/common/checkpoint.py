@@ -53,9 +53,15 @@ class _Damaged(Exception):
 
 
 @jax.jit
-def _all_finite(x: jax.Array) -> jax.Array:
-  # One replicated scalar, readable on every host even for a sharded `x`.
-  return jnp.all(jnp.isfinite(x))
+def _finite_leaves(tree: Any) -> list[jax.Array]:
+  # One replicated scalar per leaf, readable on every host even when the
+  # leaf is sharded; integer leaves are finite by construction.
+  return [
+    jnp.all(jnp.isfinite(leaf))
+    if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    else jnp.array(True)
+    for leaf in jax.tree.leaves(tree)
+  ]
 
 
 def _files_of(step_dir: str) -> dict[str, int]:
@@ -168,8 +174,9 @@ class Checkpointer:
       )
     except Exception as e:  # orbax and TensorStore raise many kinds
       raise _Damaged(_summarise(e, self.step_dir(step))) from None
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-      if jnp.issubdtype(leaf.dtype, jnp.inexact) and not _all_finite(leaf):
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+    for path, finite in zip(paths, _finite_leaves(state), strict=True):
+      if not finite:
         raise _Damaged(f"{jax.tree_util.keystr(path)}: non-finite values")
     return state
 
