@@ -266,6 +266,14 @@ class TrainerTest(parameterized.TestCase):
     with open(truncated, "r+b") as f:
       f.truncate(100)
 
+    # What a kill during a save leaves: orbax writes a step into a temporary
+    # folder and renames it when complete, and never lists the temporary one.
+    partial = os.path.join(
+      output_dir, "checkpoints", f"{_STEPS + 1}.orbax-checkpoint-tmp-0"
+    )
+    os.makedirs(os.path.join(partial, "default"))
+    open(os.path.join(partial, "default", "_METADATA"), "w").close()
+
     resumed, stderr = train_losses(
       "addition",
       output_dir,
