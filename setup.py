@@ -4,7 +4,8 @@ import setuptools
 
 EXTRAS = {
   # The runner (spread over every core with ``-n auto``), oracles the tests
-  # compare against (skipped when absent) and the linter.
+  # compare against (skipped when absent), the linter and hypothesis (the
+  # property-based tests).
   "test": [
     "pytest>=7",
     "pytest-xdist>=3",
@@ -12,6 +13,7 @@ EXTRAS = {
     "flax>=0.8",
     "keras>=3",
     "ruff>=0.5",
+    "hypothesis>=6.0",
   ],
   # The example trainers.
   "examples": [

@@ -7,8 +7,10 @@ start-up, so a subprocess per run is the honest way to test both.
 """
 
 import functools
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,8 +68,31 @@ _REFERENCE_FILES = {
 }
 _TRAINERS = [(name,) for name in _TINY_FLAGS]
 
+# Runs a trainer as `-m` would, but sends the process SIGTERM (as a cluster
+# scheduler does) while it prepares the batch of a given step: the signal
+# arrives in the middle of the loop at a known step, whatever the machine's
+# speed. argv: trainer name, step, then the trainer's flags.
+_SIGTERM_AT_STEP = """
+import os, runpy, signal, sys
+from examples.common import training
+name, at_step = sys.argv[1], int(sys.argv[2])
+train = training.train
+def signalling_train(**kwargs):
+  batch_fn = kwargs.pop("batch_fn")
+  def signalling_batch_fn(step):
+    if step == at_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return batch_fn(step)
+  return train(batch_fn=signalling_batch_fn, **kwargs)
+training.train = signalling_train
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+runpy.run_module(f"examples.{name}.train", run_name="__main__")
+"""
+# The exit status of a run stopped by a signal (training.EXIT_PREEMPTED).
+_EXIT_PREEMPTED = 75
 
-def run_trainer(name, *args, num_devices=None):
+
+def run_trainer(name, *args, num_devices=None, sigterm_at_step=None):
   """Runs a trainer to completion; returns the finished process.
 
   The runs share the persistent compilation cache that conftest.py sets up
@@ -88,8 +113,11 @@ def run_trainer(name, *args, num_devices=None):
   env.pop("XLA_FLAGS", None)
   if num_devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  command = [sys.executable, "-m", f"examples.{name}.train"]
+  if sigterm_at_step is not None:
+    command = [sys.executable, "-c", _SIGTERM_AT_STEP, name, sigterm_at_step]
   return subprocess.run(
-    [sys.executable, "-m", f"examples.{name}.train", *args],
+    [*command, *args],
     cwd=_REPO,
     env=env,
     capture_output=True,
@@ -98,8 +126,15 @@ def run_trainer(name, *args, num_devices=None):
   )
 
 
-def train_losses(name, output_dir, *args, num_devices=None):
-  """Trains with the tiny flags; returns {step: train loss} from the JSONL."""
+def train_losses(
+  name, output_dir, *args, num_devices=None, expect_status=0, **kwargs
+):
+  """Trains with the tiny flags; returns {step: train loss} from the JSONL.
+
+  With `stderr=True` among the keyword arguments, returns the losses and the
+  process's stderr; other keyword arguments go to `run_trainer`.
+  """
+  with_stderr = kwargs.pop("stderr", False)
   process = run_trainer(
     name,
     *_TINY_FLAGS[name],
@@ -108,9 +143,13 @@ def train_losses(name, output_dir, *args, num_devices=None):
     "--log_every=1",
     *args,
     num_devices=num_devices,
+    **kwargs,
   )
-  if process.returncode:
-    raise AssertionError(f"{name} failed:\n{process.stderr[-5000:]}")
+  if process.returncode != expect_status:
+    raise AssertionError(
+      f"{name} exited with {process.returncode}, not {expect_status}:\n"
+      f"{process.stderr[-5000:]}"
+    )
   # Read directly rather than through examples.common: under a bare `pytest`
   # the repo is not on sys.path, and site-packages may hold an `examples`.
   with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -120,7 +159,26 @@ def train_losses(name, output_dir, *args, num_devices=None):
     if record["split"] == "train":
       assert record["step"] not in losses, f"step {record['step']} twice"
       losses[record["step"]] = record["loss"]
-  return losses
+  return (losses, process.stderr) if with_stderr else losses
+
+
+def checkpoint_steps(output_dir):
+  """The steps of the checkpoints orbax would see, in order."""
+  names = os.listdir(os.path.join(output_dir, "checkpoints"))
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def largest_file(step_dir):
+  """The checkpoint's largest file (its biggest array chunks)."""
+  files = glob.glob(os.path.join(step_dir, "**"), recursive=True)
+  return max((f for f in files if os.path.isfile(f)), key=os.path.getsize)
+
+
+def error_lines(stderr):
+  """The absl ERROR and WARNING lines of a run's stderr, and what follows."""
+  return [
+    line for line in stderr.splitlines() if line[:1] in "EW " and line.strip()
+  ]
 
 
 class TrainerTest(parameterized.TestCase):
@@ -137,10 +195,18 @@ class TrainerTest(parameterized.TestCase):
   @classmethod
   @functools.cache
   def _reference(cls, name):
-    """The uninterrupted one-device run, shared by the tests that need it."""
+    """The uninterrupted one-device run, shared by the tests that need it.
+
+    It saves checkpoints at steps _HALF and _STEPS, for the tests of damaged
+    checkpoints (which damage copies).
+    """
     output_dir = os.path.join(cls._tmp.name, f"{name}_reference")
     losses = train_losses(
-      name, output_dir, f"--num_steps={_STEPS}", *_REFERENCE_FLAGS[name]
+      name,
+      output_dir,
+      f"--num_steps={_STEPS}",
+      f"--checkpoint_every={_HALF}",
+      *_REFERENCE_FLAGS[name],
     )
     return output_dir, losses
 
@@ -165,6 +231,131 @@ class TrainerTest(parameterized.TestCase):
     )
     # The metrics file holds each step once, and every loss is bit-identical.
     self.assertEqual(resumed, reference)
+
+  def test_sigterm_saves_and_resume_continues_exactly(self):
+    # The smallest trainer stands for all three: they share this loop.
+    _, reference = self._reference("addition")
+    output_dir = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "run")
+    # The signal arrives while step 5 (counting from 1) is being prepared: that
+    # step finishes and is saved, and the process exits with its own status.
+    first, stderr = train_losses(
+      "addition",
+      output_dir,
+      f"--num_steps={_STEPS}",
+      sigterm_at_step="4",
+      expect_status=_EXIT_PREEMPTED,
+      stderr=True,
+    )
+    self.assertEqual(sorted(first), [1, 2, 3, 4, 5])
+    self.assertEqual(checkpoint_steps(output_dir), [5])
+    self.assertIn("SIGTERM: stopped after step 5", stderr)
+    self.assertNotIn("Traceback", stderr)
+    resumed = train_losses(
+      "addition", output_dir, f"--num_steps={_STEPS}", "--resume"
+    )
+    self.assertEqual(resumed, reference)
+
+  def test_resume_skips_damaged_checkpoints(self):
+    reference_dir, reference = self._reference("addition")
+    output_dir = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "run")
+    shutil.copytree(reference_dir, output_dir)
+    self.assertEqual(checkpoint_steps(output_dir), [_HALF, _STEPS])
+    newest = os.path.join(output_dir, "checkpoints", str(_STEPS))
+    truncated = largest_file(newest)
+    size = os.path.getsize(truncated)
+    with open(truncated, "r+b") as f:
+      f.truncate(100)
+
+    # What a kill during a save leaves: orbax writes a step into a temporary
+    # folder and renames it when complete, and never lists the temporary one.
+    partial = os.path.join(
+      output_dir, "checkpoints", f"{_STEPS + 1}.orbax-checkpoint-tmp-0"
+    )
+    os.makedirs(os.path.join(partial, "default"))
+    open(os.path.join(partial, "default", "_METADATA"), "w").close()
+
+    resumed, stderr = train_losses(
+      "addition",
+      output_dir,
+      f"--num_steps={_STEPS}",
+      "--resume",
+      stderr=True,
+    )
+    # One line names the step, the file and the fault, one the step resumed
+    # from; the damaged checkpoint is kept, out of the way.
+    lines = error_lines(stderr)
+    self.assertLen(lines, 2, stderr)
+    self.assertIn(f"checkpoint step {_STEPS} ", lines[0])
+    self.assertIn(
+      f"{os.path.relpath(truncated, newest)}: 100 bytes, {size} when it was "
+      "written",
+      lines[0],
+    )
+    self.assertIn(f"resumed from step {_HALF} instead", lines[1])
+    self.assertTrue(
+      os.path.isdir(os.path.join(output_dir, "checkpoints", "damaged", "12"))
+    )
+    self.assertEqual(resumed, reference)
+    self.assertEqual(checkpoint_steps(output_dir), [_HALF, _STEPS])
+
+    # A deleted file in one and a truncated one in the other: nothing to
+    # resume from is one error, with both reasons, and a failing status.
+    deleted = os.path.join(newest, "default", "_sharding")
+    os.remove(deleted)
+    with open(largest_file(os.path.join(newest, "..", str(_HALF))), "r+b") as f:
+      f.truncate(100)
+    process = run_trainer(
+      "addition",
+      *_TINY_FLAGS["addition"],
+      f"--output_dir={output_dir}",
+      f"--num_steps={_STEPS}",
+      "--resume",
+    )
+    self.assertEqual(process.returncode, 1, process.stderr)
+    self.assertNotIn("Traceback", process.stderr)
+    lines = error_lines(process.stderr)
+    self.assertLen(lines, 3, process.stderr)
+    self.assertIn("no checkpoint in", lines[0])
+    self.assertIn(
+      f"checkpoint step {_STEPS} ({newest}) is damaged: "
+      "default/_sharding: missing",
+      lines[1],
+    )
+    self.assertIn(f"checkpoint step {_HALF} ", lines[2])
+    self.assertIn("100 bytes", lines[2])
+
+  def test_non_finite_loss_stops_at_its_step(self):
+    # Steps of 1e38 overflow the parameters at once: step 2's loss is NaN.
+    output_dir = tempfile.mkdtemp(dir=self._tmp.name)
+    process = run_trainer(
+      "addition",
+      *_TINY_FLAGS["addition"],
+      f"--output_dir={output_dir}",
+      "--learning_rate=1e38",
+      "--checkpoint_every=1",
+      "--num_steps=3",
+    )
+    self.assertEqual(process.returncode, 1, process.stderr)
+    self.assertNotIn("Traceback", process.stderr)
+    lines = error_lines(process.stderr)
+    self.assertLen(lines, 1, process.stderr)
+    self.assertIn("step 2: the loss is nan", lines[0])
+    self.assertIn("The newest checkpoint (step 1) precedes it", lines[0])
+    # Step 1's checkpoint is kept, and nothing after it was saved.
+    self.assertEqual(checkpoint_steps(output_dir), [1])
+
+  def test_unwritable_output_dir_is_one_error(self):
+    # A folder under a file cannot be made, not even by root.
+    parent = os.path.join(tempfile.mkdtemp(dir=self._tmp.name), "a_file")
+    open(parent, "w").close()
+    process = run_trainer(
+      "addition", *_TINY_FLAGS["addition"], f"--output_dir={parent}/run"
+    )
+    self.assertEqual(process.returncode, 1, process.stderr)
+    self.assertNotIn("Traceback", process.stderr)
+    lines = error_lines(process.stderr)
+    self.assertLen(lines, 1, process.stderr)
+    self.assertIn(f"--output_dir={parent}/run: cannot write there", lines[0])
 
   @parameterized.parameters(_TRAINERS)
   def test_eight_devices_match_one(self, name):
@@ -193,6 +384,12 @@ class TrainerTest(parameterized.TestCase):
       "divisible by the number of devices, 8",
     ),
     ("negative_steps", "classifier", ["--num_steps=-3"], "--num_steps"),
+    (
+      "nan_learning_rate",
+      "addition",
+      ["--learning_rate=nan"],
+      "--learning_rate=nan: must be a finite number > 0",
+    ),
   )
   def test_bad_flag_ends_with_one_clear_message(self, name, args, message):
     # absltest's create_tempdir needs parsed flags, which pytest never parses.

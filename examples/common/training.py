@@ -14,14 +14,18 @@ The training state is a dict pytree:
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
@@ -46,6 +50,11 @@ _RESUMABLE_FLAGS = frozenset(
     "process_id",
   }
 )
+
+# The exit status of a run stopped by SIGTERM or SIGINT after saving its
+# checkpoint (EX_TEMPFAIL: "try again later"), for schedulers and scripts to
+# tell it from a finished run (0) and from a failed one (1).
+EXIT_PREEMPTED = 75
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array], Any]
 
@@ -76,12 +85,22 @@ def define_flags(
     "the number of devices.",
     lower_bound=1,
   )
-  flags.DEFINE_float("learning_rate", learning_rate, "Adam learning rate.")
+  flags.DEFINE_float(
+    "learning_rate", learning_rate, "Adam learning rate (finite, > 0)."
+  )
+  flags.register_validator(
+    "learning_rate",
+    lambda value: math.isfinite(value) and value > 0,
+    message="must be a finite number > 0",
+  )
   flags.DEFINE_float(
     "max_grad_norm",
     1.0,
     "Clip gradients to this global norm; 0 disables.",
     lower_bound=0.0,
+  )
+  flags.register_validator(
+    "max_grad_norm", math.isfinite, message="must be a finite number >= 0"
   )
   flags.DEFINE_integer("seed", 0, "Seeds parameters, data and dropout.")
   flags.DEFINE_integer(
@@ -103,8 +122,10 @@ def define_flags(
   flags.DEFINE_bool(
     "resume",
     False,
-    "Continue from the newest checkpoint in --output_dir, exactly where it "
-    "stopped; starts afresh (with a warning) when there is none.",
+    "Continue from the newest checkpoint in --output_dir that reads back "
+    "whole, exactly where it stopped (damaged ones are reported and moved to "
+    "checkpoints/damaged/); starts afresh (with a warning) when there is "
+    "none.",
   )
 
 
@@ -127,7 +148,6 @@ def check_positive(**values: int | float) -> None:
 
 def make_optimizer() -> optax.GradientTransformation:
   """Adam, after clipping by global norm when `--max_grad_norm` > 0."""
-  check_positive(learning_rate=FLAGS.learning_rate)
   adam = optax.adam(FLAGS.learning_rate)
   if FLAGS.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(FLAGS.max_grad_norm), adam)
@@ -168,7 +188,9 @@ def make_train_step(
     optimizer: the optax optimiser.
 
   Returns:
-    `step(state, batch) -> (state, metrics)`, to be jitted by `train`.
+    `step(state, batch) -> (state, metrics)`, to be jitted by `train`; the
+    metrics are `loss_fn`'s, its loss and the gradients' global norm
+    (`grad_norm`, checked by `train` and not recorded).
   """
   base_rng = jax.random.PRNGKey(FLAGS.seed)
 
@@ -189,7 +211,8 @@ def make_train_step(
       "step": state["step"] + 1,
       "carry": carry,
     }
-    return new_state, {"loss": loss, **step_metrics}
+    grad_norm = optax.global_norm(grads)
+    return new_state, {"loss": loss, **step_metrics, "grad_norm": grad_norm}
 
   return step
 
@@ -217,9 +240,25 @@ def _run_config() -> dict:
   }
 
 
+def _fail(message: str) -> None:
+  """Ends the run with one error line and exit status 1, no traceback."""
+  logging.error("%s", message)
+  sys.exit(1)
+
+
 def _prepare_output_dir(output_dir: str, resume: bool) -> None:
   """Creates the run folder; checks or records the run's configuration."""
-  os.makedirs(output_dir, exist_ok=True)
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    probe = os.path.join(output_dir, ".hk_rnn_write_test")
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    _fail(
+      f"--output_dir={FLAGS.output_dir}: cannot write there "
+      f"({e.strerror or e}: {e.filename or output_dir})."
+    )
   config_path = os.path.join(output_dir, "config.json")
   config = _run_config()
   if resume and os.path.exists(config_path):
@@ -243,6 +282,94 @@ def _prepare_output_dir(output_dir: str, resume: bool) -> None:
     json.dump(config, f, indent=2, sort_keys=True)
 
 
+def _restore(checkpointer: checkpoint.Checkpointer, state: dict) -> dict:
+  """`--resume`: the newest whole checkpoint, or `state` when there is none."""
+  if checkpointer.latest_step() is None:
+    logging.warning(
+      "--resume: no checkpoint in %s; starting afresh.", checkpointer.directory
+    )
+    return state
+  try:
+    state, damaged = checkpointer.restore_latest(state)
+  except checkpoint.NoReadableCheckpointError as e:
+    _fail(f"--resume: {e}")
+  step = int(state["step"])
+  for report in damaged:
+    logging.warning("--resume: %s", report)
+  if damaged:
+    logging.warning(
+      "--resume: resumed from step %d instead, the newest checkpoint that "
+      "reads back whole.",
+      step,
+    )
+  else:
+    logging.info("Resumed from step %d.", step)
+  return state
+
+
+class _StopRequests:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  Inside the `with` block the first signal only sets `signal_name`; the loop
+  then saves a checkpoint and exits. A second signal is handled as it would
+  have been without this (SIGTERM kills, SIGINT raises KeyboardInterrupt),
+  for when saving itself hangs.
+  """
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+      return
+    signal.signal(signum, self._previous[signum])
+    signal.raise_signal(signum)
+
+  def __enter__(self):
+    # Python lets only the main thread install handlers.
+    if threading.current_thread() is threading.main_thread():
+      for signum in self._SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def agreed(self, at_sync_point: bool) -> bool:
+    """Whether to stop now; every process of a multi-host run agrees.
+
+    One process checks its own flag every step. Several processes must stop
+    at the same step (saving is collective), so they compare flags only at
+    `at_sync_point` steps (those where the losses are read back anyway).
+    """
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if not at_sync_point:
+      return False
+    flags_ = multihost_utils.process_allgather(
+      np.int32(self.signal_name is not None)
+    )
+    return bool(np.max(flags_))
+
+
+def _first_non_finite(values: list[dict]) -> int | None:
+  """The index of the first step whose loss or gradient norm is not finite."""
+  for i, step_values in enumerate(values):
+    if not (
+      math.isfinite(step_values["loss"])
+      and math.isfinite(step_values["grad_norm"])
+    ):
+      return i
+  return None
+
+
 def train(
   *,
   name: str,
@@ -253,6 +380,18 @@ def train(
   reference_lines: Mapping[str, tuple[float, str]] | None = None,
 ) -> Result:
   """Runs (or resumes) training to `--num_steps` and plots its curves.
+
+  Faults end the run without a traceback:
+  - `--resume` restores the newest checkpoint that reads back whole; each
+    damaged newer one is reported in one line and moved aside, and when none
+    reads back the run ends with exit status 1.
+  - A non-finite loss or gradient norm ends the run with exit status 1 and
+    one line naming the first such step; no checkpoint is saved after it, so
+    the newest one is the last good state.
+  - SIGTERM or SIGINT (Ctrl-C): the current step finishes, a checkpoint is
+    saved, and the process exits with `EXIT_PREEMPTED` (75); `--resume`
+    continues exactly. A second signal stops at once.
+  - An `--output_dir` that cannot be written ends the run with exit status 1.
 
   Args:
     name: the trainer's name, for the progress bar and the plot's title.
@@ -275,18 +414,11 @@ def train(
   # No process may open the checkpoints before process 0 has cleared them.
   multihost_utils.sync_global_devices("hk_rnn examples: output_dir ready")
   checkpointer = checkpoint.Checkpointer(
-    os.path.join(output_dir, "checkpoints")
+    os.path.join(output_dir, "checkpoints"), main=main
   )
-  start = 0
   if FLAGS.resume:
-    if checkpointer.latest_step() is None:
-      logging.warning(
-        "--resume: no checkpoint in %s; starting afresh.", output_dir
-      )
-    else:
-      state = checkpointer.restore_latest(state)
-      start = int(state["step"])
-      logging.info("Resumed from step %d.", start)
+    state = _restore(checkpointer, state)
+  start = int(state["step"])
   metrics_path = os.path.join(output_dir, "metrics.jsonl")
   writer = (
     metrics.MetricsWriter(metrics_path, start if FLAGS.resume else None)
@@ -310,40 +442,67 @@ def train(
   bar = tqdm.tqdm(
     total=num_steps, initial=start, desc=name, unit="step", disable=not main
   )
+  stopped_at = None
   tick = time.perf_counter()
-  for step in range(start, num_steps):
-    state, step_metrics = step_fn(state, batch_fn(step))
-    pending.append(step_metrics)
-    done = step + 1
-    is_last = done == num_steps
-    do_eval = done % FLAGS.eval_every == 0 or is_last
-    do_save = done % FLAGS.checkpoint_every == 0 or is_last
-    if done % FLAGS.log_every == 0 or do_eval or do_save:
-      for i, values in enumerate(jax.device_get(pending)):
-        record(done - len(pending) + 1 + i, "train", values)
-      bar.set_postfix(loss=f"{float(values['loss']):.4f}")
-      bar.update(len(pending))
-      pending = []
-    if do_eval or do_save:
-      # Evaluation and checkpoint writes are not training time.
+  with _StopRequests() as stop_requests:
+    for step in range(start, num_steps):
+      state, step_metrics = step_fn(state, batch_fn(step))
+      pending.append(step_metrics)
+      done = step + 1
+      is_last = done == num_steps
+      read_back = done % FLAGS.log_every == 0
+      stop = not is_last and stop_requests.agreed(read_back)
+      do_eval = done % FLAGS.eval_every == 0 or is_last
+      do_save = done % FLAGS.checkpoint_every == 0 or is_last or stop
+      if read_back or do_eval or do_save:
+        values = jax.device_get(pending)
+        bad = _first_non_finite(values)
+        for i, step_values in enumerate(values[:bad]):
+          step_values = dict(step_values)
+          del step_values["grad_norm"]
+          record(done - len(pending) + 1 + i, "train", step_values)
+        if bad is not None:
+          bar.close()
+          checkpointer.close()  # the saves before this step were good
+          last_good = checkpointer.latest_step()
+          _fail(
+            f"step {done - len(pending) + 1 + bad}: the loss is "
+            f"{values[bad]['loss']} and the gradient norm "
+            f"{values[bad]['grad_norm']}; stopping. "
+            + (
+              f"The newest checkpoint (step {last_good}) precedes it; "
+              if last_good is not None
+              else "No checkpoint was saved; "
+            )
+            + f"try a --learning_rate below {FLAGS.learning_rate}."
+          )
+        bar.set_postfix(loss=f"{float(values[-1]['loss']):.4f}")
+        bar.update(len(pending))
+        pending = []
+      if do_eval or do_save:
+        # Evaluation and checkpoint writes are not training time.
+        train_seconds += time.perf_counter() - tick
+        if do_eval:
+          final_eval = dict(evaluate(state))
+          record(done, "eval", final_eval)
+          logging.info(
+            "step %d: %s",
+            done,
+            ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()),
+          )
+        if do_save:
+          checkpointer.save(done, state)
+        tick = time.perf_counter()
+      if stop:
+        stopped_at = done
+        break
+    bar.close()
+    if start < num_steps and stopped_at is None:
       train_seconds += time.perf_counter() - tick
-      if do_eval:
-        final_eval = dict(evaluate(state))
-        record(done, "eval", final_eval)
-        logging.info(
-          "step %d: %s",
-          done,
-          ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()),
-        )
-      if do_save:
-        checkpointer.save(done, state)
-      tick = time.perf_counter()
-  bar.close()
-  if start < num_steps:
-    train_seconds += time.perf_counter() - tick
-  else:
-    final_eval = dict(evaluate(state))
-  checkpointer.close()
+    elif start == num_steps:
+      final_eval = dict(evaluate(state))
+    # Still under the handlers: a signal now must not cut the last save short.
+    checkpointer.close()
   if writer:
     writer.close()
     png = os.path.join(output_dir, "curves.png")
@@ -351,4 +510,13 @@ def train(
       metrics.read_records(metrics_path), png, name, reference_lines
     )
     logging.info("Wrote %s and %s.", metrics_path, png)
+  if stopped_at is not None:
+    logging.warning(
+      "%s: stopped after step %d with its checkpoint saved; rerun with "
+      "--resume to continue (exit status %d).",
+      stop_requests.signal_name,
+      stopped_at,
+      EXIT_PREEMPTED,
+    )
+    sys.exit(EXIT_PREEMPTED)
   return Result(state, step_fn, final_eval, train_seconds, output_dir)
