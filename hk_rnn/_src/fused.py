@@ -659,6 +659,13 @@ def lstm_sequence(
     inputs, w_i, w_h, b, initial_carry, reset, recurrent_mask, _platform()
   ):
     return cudnn_lstm(inputs, w_i, w_h, b, initial_carry, valid=valid)
+  # On CPU, oneDNN's LSTM primitive where it computes exactly this call
+  # (an optional compiled extension: hk_rnn/_src/onednn.py).
+  if valid is None and reset is None and recurrent_mask is None:
+    from hk_rnn._src import onednn
+
+    if onednn.supports(inputs, w_i, w_h, b, initial_carry):
+      return onednn.lstm(inputs, w_i, w_h, b, initial_carry)
   return _sequence(
     _LSTM,
     unroll,

@@ -1,0 +1,477 @@
+// oneDNN's LSTM primitive as XLA FFI custom calls, for hk_rnn on CPU.
+//
+// hk_rnn/_src/onednn.py loads this library with ctypes and registers three
+// handlers with XLA (platform "cpu"):
+//
+//   hk_rnn_lstm_inference(x, w_i, w_h, b, c_0, h_0) -> (y, c_n, h_n)
+//   hk_rnn_lstm_forward(x, w_i, w_h, b, c_0, h_0) -> (y, c_n, h_n, workspace)
+//   hk_rnn_lstm_backward(x, w_i, w_h, b, c_0, h_0, y, c_n, h_n, workspace,
+//                        d_y, d_c_n, d_h_n)
+//       -> (d_x, d_w_i, d_w_h, d_b, d_c_0, d_h_0)
+//
+// all float32, time-major: x (T, B, D), w_i (D, 4F), w_h (F, 4F), b (4F,),
+// carries (B, F), y (T, B, F), gate blocks i, f, g, o. These are oneDNN's
+// own layouts with one layer and one direction: x is `tnc`, w_i and w_h are
+// `ldigo`, b is `ldgo`, the carries `ldnc`. The weights are reordered into
+// the primitive's preferred layout on each call (a fraction of a
+// millisecond), so the primitive keeps them packed for the whole sequence.
+//
+// What cost time to find out, and the code relies on:
+// * The scratchpad is the caller's (scratchpad_mode::user): oneDNN's own is
+//   thread-local to the thread that created the primitive, and XLA calls the
+//   handler from its worker threads.
+// * h_0 and c_0 are always passed explicitly: with an empty src_iter the
+//   forward pass is right but diff_weights_iter is not.
+// * The backward primitive accumulates into diff_weights_* and diff_bias:
+//   they are zeroed before it runs.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// The library is built with hidden visibility; these are its entry points.
+#define HK_RNN_EXPORT __attribute__((visibility("default")))
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+dnnl::engine& Engine() {
+  // Never destroyed: handlers may still run while the process exits.
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// Host buffers reused across calls, so that the scratchpad and the reordered
+// weights do not page-fault fresh memory every time. Buffers are keyed by
+// size; each call leases what it needs and gives it back when it returns.
+class Pool {
+ public:
+  static Pool& Get() {
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+
+  void* Take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto found = free_.find(bytes);
+      if (found != free_.end()) {
+        void* data = found->second;
+        free_.erase(found);
+        return data;
+      }
+    }
+    size_t rounded = (bytes + 63) / 64 * 64;
+    void* data = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+    if (data == nullptr) throw std::bad_alloc();
+    return data;
+  }
+
+  void Give(size_t bytes, void* data) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.emplace(bytes, data);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+};
+
+class Lease {
+ public:
+  Lease() = default;
+  explicit Lease(size_t bytes)
+      : bytes_(bytes), data_(Pool::Get().Take(bytes)) {}
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  Lease& operator=(Lease&& other) noexcept {
+    std::swap(bytes_, other.bytes_);
+    std::swap(data_, other.data_);
+    return *this;
+  }
+  ~Lease() {
+    if (data_ != nullptr) Pool::Get().Give(bytes_, data_);
+  }
+  void* data() const { return data_; }
+
+ private:
+  size_t bytes_ = 0;
+  void* data_ = nullptr;
+};
+
+struct Shape {
+  int64_t steps, batch, inputs, features;
+  bool operator<(const Shape& other) const {
+    return std::tie(steps, batch, inputs, features) <
+           std::tie(other.steps, other.batch, other.inputs, other.features);
+  }
+};
+
+memory::desc Desc(const memory::dims& dims, Tag tag) {
+  return memory::desc(dims, memory::data_type::f32, tag);
+}
+
+// The memory descriptors of one shape, in the user's layouts (`any` for the
+// weights, so that the primitive picks its own).
+struct Descs {
+  memory::desc x, carry, w_i, w_h, b, y, w_i_user, w_h_user;
+  explicit Descs(const Shape& s)
+      : x(Desc({s.steps, s.batch, s.inputs}, Tag::tnc)),
+        carry(Desc({1, 1, s.batch, s.features}, Tag::ldnc)),
+        w_i(Desc({1, 1, s.inputs, 4, s.features}, Tag::any)),
+        w_h(Desc({1, 1, s.features, 4, s.features}, Tag::any)),
+        b(Desc({1, 1, 4, s.features}, Tag::ldgo)),
+        y(Desc({s.steps, s.batch, s.features}, Tag::tnc)),
+        w_i_user(Desc({1, 1, s.inputs, 4, s.features}, Tag::ldigo)),
+        w_h_user(Desc({1, 1, s.features, 4, s.features}, Tag::ldigo)) {}
+};
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::lstm_forward::primitive_desc ForwardDesc(const Shape& s,
+                                               dnnl::prop_kind kind) {
+  Descs d(s);
+  return dnnl::lstm_forward::primitive_desc(
+      Engine(), kind, dnnl::rnn_direction::unidirectional_left2right, d.x,
+      d.carry, d.carry, d.w_i, d.w_h, d.b, d.y, d.carry, d.carry,
+      UserScratchpad());
+}
+
+struct Inference {
+  dnnl::lstm_forward::primitive_desc pd;
+  dnnl::lstm_forward primitive;
+  explicit Inference(const Shape& s)
+      : pd(ForwardDesc(s, dnnl::prop_kind::forward_inference)),
+        primitive(pd) {}
+};
+
+struct Training {
+  dnnl::lstm_forward::primitive_desc forward_pd;
+  dnnl::lstm_forward forward;
+  dnnl::lstm_backward::primitive_desc backward_pd;
+  dnnl::lstm_backward backward;
+  explicit Training(const Shape& s)
+      : forward_pd(ForwardDesc(s, dnnl::prop_kind::forward_training)),
+        forward(forward_pd),
+        backward_pd(BackwardDesc(s, forward_pd)),
+        backward(backward_pd) {}
+
+  static dnnl::lstm_backward::primitive_desc BackwardDesc(
+      const Shape& s, const dnnl::lstm_forward::primitive_desc& hint) {
+    Descs d(s);
+    return dnnl::lstm_backward::primitive_desc(
+        Engine(), dnnl::prop_kind::backward,
+        dnnl::rnn_direction::unidirectional_left2right, d.x, d.carry, d.carry,
+        d.w_i, d.w_h, d.b, d.y, d.carry, d.carry, d.x, d.carry, d.carry,
+        d.w_i, d.w_h, d.b, d.y, d.carry, d.carry, hint, UserScratchpad());
+  }
+};
+
+// Primitives are built once per shape; executing one from several threads
+// at once is safe with a scratchpad per call.
+template <typename T>
+const T& Cached(const Shape& shape) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<Shape, std::unique_ptr<T>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& entry = (*cache)[shape];
+  if (!entry) entry = std::make_unique<T>(shape);
+  return *entry;
+}
+
+memory Wrap(const memory::desc& desc, const void* data) {
+  return memory(desc, Engine(), const_cast<void*>(data));
+}
+
+// ``user`` in the layout ``want``: itself, or a reordered copy in ``lease``.
+memory InLayout(const memory& user, const memory::desc& want, Lease& lease,
+                dnnl::stream& stream) {
+  if (user.get_desc() == want) return user;
+  lease = Lease(want.get_size());
+  memory converted(want, Engine(), lease.data());
+  memory source = user;
+  dnnl::reorder(source, converted).execute(stream, source, converted);
+  return converted;
+}
+
+Shape ShapeOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_h) {
+  auto x_dims = x.dimensions();
+  return Shape{x_dims[0], x_dims[1], x_dims[2], w_h.dimensions()[0]};
+}
+
+template <typename F>
+ffi::Error Guarded(F&& body) {
+  try {
+    body();
+    return ffi::Error::Success();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("hk_rnn oneDNN LSTM: ") +
+                                e.what());
+  }
+}
+
+// The forward pass shared by inference and training (``workspace`` null for
+// inference).
+void RunForward(const dnnl::lstm_forward::primitive_desc& pd,
+                const dnnl::lstm_forward& primitive, const Shape& shape,
+                ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_i,
+                ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b,
+                ffi::Buffer<ffi::F32>& c_0, ffi::Buffer<ffi::F32>& h_0,
+                float* y, float* c_n, float* h_n, void* workspace) {
+  Descs d(shape);
+  dnnl::stream stream(Engine());
+  Lease w_i_lease, w_h_lease;
+  memory w_i_memory = InLayout(Wrap(d.w_i_user, w_i.typed_data()),
+                               pd.weights_layer_desc(), w_i_lease, stream);
+  memory w_h_memory = InLayout(Wrap(d.w_h_user, w_h.typed_data()),
+                               pd.weights_iter_desc(), w_h_lease, stream);
+  Lease scratchpad(pd.scratchpad_desc().get_size());
+  std::unordered_map<int, memory> args = {
+      {DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
+      {DNNL_ARG_SRC_ITER, Wrap(d.carry, h_0.typed_data())},
+      {DNNL_ARG_SRC_ITER_C, Wrap(d.carry, c_0.typed_data())},
+      {DNNL_ARG_WEIGHTS_LAYER, w_i_memory},
+      {DNNL_ARG_WEIGHTS_ITER, w_h_memory},
+      {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
+      {DNNL_ARG_DST_LAYER, Wrap(d.y, y)},
+      {DNNL_ARG_DST_ITER, Wrap(d.carry, h_n)},
+      {DNNL_ARG_DST_ITER_C, Wrap(d.carry, c_n)},
+      {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), scratchpad.data())},
+  };
+  if (workspace != nullptr) {
+    args.emplace(DNNL_ARG_WORKSPACE, Wrap(pd.workspace_desc(), workspace));
+  }
+  primitive.execute(stream, args);
+  stream.wait();
+}
+
+ffi::Error LstmInference(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                         ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
+                         ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
+                         ffi::ResultBuffer<ffi::F32> y,
+                         ffi::ResultBuffer<ffi::F32> c_n,
+                         ffi::ResultBuffer<ffi::F32> h_n) {
+  return Guarded([&] {
+    Shape shape = ShapeOf(x, w_h);
+    const Inference& cached = Cached<Inference>(shape);
+    RunForward(cached.pd, cached.primitive, shape, x, w_i, w_h, b, c_0, h_0,
+               y->typed_data(), c_n->typed_data(), h_n->typed_data(),
+               nullptr);
+  });
+}
+
+ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+                       ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
+                       ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
+                       ffi::ResultBuffer<ffi::F32> y,
+                       ffi::ResultBuffer<ffi::F32> c_n,
+                       ffi::ResultBuffer<ffi::F32> h_n,
+                       ffi::ResultBuffer<ffi::U8> workspace) {
+  return Guarded([&] {
+    Shape shape = ShapeOf(x, w_h);
+    const Training& cached = Cached<Training>(shape);
+    if (workspace->size_bytes() != cached.forward_pd.workspace_desc().get_size())
+      throw std::runtime_error("workspace size does not match the primitive");
+    RunForward(cached.forward_pd, cached.forward, shape, x, w_i, w_h, b, c_0,
+               h_0, y->typed_data(), c_n->typed_data(), h_n->typed_data(),
+               workspace->untyped_data());
+  });
+}
+
+ffi::Error LstmBackward(
+    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
+    ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
+    ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
+    ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> c_n,
+    ffi::Buffer<ffi::F32> h_n, ffi::Buffer<ffi::U8> workspace,
+    ffi::Buffer<ffi::F32> d_y, ffi::Buffer<ffi::F32> d_c_n,
+    ffi::Buffer<ffi::F32> d_h_n, ffi::ResultBuffer<ffi::F32> d_x,
+    ffi::ResultBuffer<ffi::F32> d_w_i, ffi::ResultBuffer<ffi::F32> d_w_h,
+    ffi::ResultBuffer<ffi::F32> d_b, ffi::ResultBuffer<ffi::F32> d_c_0,
+    ffi::ResultBuffer<ffi::F32> d_h_0) {
+  return Guarded([&] {
+    Shape shape = ShapeOf(x, w_h);
+    const Training& cached = Cached<Training>(shape);
+    const auto& pd = cached.backward_pd;
+    Descs d(shape);
+    dnnl::stream stream(Engine());
+    Lease w_i_lease, w_h_lease;
+    memory w_i_memory = InLayout(Wrap(d.w_i_user, w_i.typed_data()),
+                                 pd.weights_layer_desc(), w_i_lease, stream);
+    memory w_h_memory = InLayout(Wrap(d.w_h_user, w_h.typed_data()),
+                                 pd.weights_iter_desc(), w_h_lease, stream);
+    // The weight gradients: straight into the outputs when the primitive
+    // takes our layout, otherwise into a leased buffer reordered after.
+    memory d_w_i_user = Wrap(d.w_i_user, d_w_i->typed_data());
+    memory d_w_h_user = Wrap(d.w_h_user, d_w_h->typed_data());
+    Lease d_w_i_lease, d_w_h_lease;
+    auto gradient_memory = [&](const memory& user, const memory::desc& want,
+                               Lease& lease) {
+      if (user.get_desc() == want) return user;
+      lease = Lease(want.get_size());
+      return memory(want, Engine(), lease.data());
+    };
+    memory d_w_i_memory = gradient_memory(
+        d_w_i_user, pd.diff_weights_layer_desc(), d_w_i_lease);
+    memory d_w_h_memory = gradient_memory(
+        d_w_h_user, pd.diff_weights_iter_desc(), d_w_h_lease);
+    std::memset(d_w_i_memory.get_data_handle(), 0,
+                d_w_i_memory.get_desc().get_size());
+    std::memset(d_w_h_memory.get_data_handle(), 0,
+                d_w_h_memory.get_desc().get_size());
+    std::memset(d_b->typed_data(), 0, d_b->size_bytes());
+    Lease scratchpad(pd.scratchpad_desc().get_size());
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
+        {DNNL_ARG_SRC_ITER, Wrap(d.carry, h_0.typed_data())},
+        {DNNL_ARG_SRC_ITER_C, Wrap(d.carry, c_0.typed_data())},
+        {DNNL_ARG_WEIGHTS_LAYER, w_i_memory},
+        {DNNL_ARG_WEIGHTS_ITER, w_h_memory},
+        {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
+        {DNNL_ARG_DST_LAYER, Wrap(d.y, y.typed_data())},
+        {DNNL_ARG_DST_ITER, Wrap(d.carry, h_n.typed_data())},
+        {DNNL_ARG_DST_ITER_C, Wrap(d.carry, c_n.typed_data())},
+        {DNNL_ARG_WORKSPACE,
+         Wrap(pd.workspace_desc(), workspace.untyped_data())},
+        {DNNL_ARG_DIFF_DST_LAYER, Wrap(d.y, d_y.typed_data())},
+        {DNNL_ARG_DIFF_DST_ITER, Wrap(d.carry, d_h_n.typed_data())},
+        {DNNL_ARG_DIFF_DST_ITER_C, Wrap(d.carry, d_c_n.typed_data())},
+        {DNNL_ARG_DIFF_SRC_LAYER, Wrap(d.x, d_x->typed_data())},
+        {DNNL_ARG_DIFF_SRC_ITER, Wrap(d.carry, d_h_0->typed_data())},
+        {DNNL_ARG_DIFF_SRC_ITER_C, Wrap(d.carry, d_c_0->typed_data())},
+        {DNNL_ARG_DIFF_WEIGHTS_LAYER, d_w_i_memory},
+        {DNNL_ARG_DIFF_WEIGHTS_ITER, d_w_h_memory},
+        {DNNL_ARG_DIFF_BIAS, Wrap(d.b, d_b->typed_data())},
+        {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), scratchpad.data())},
+    };
+    cached.backward.execute(stream, args);
+    if (d_w_i_memory != d_w_i_user) {
+      dnnl::reorder(d_w_i_memory, d_w_i_user)
+          .execute(stream, d_w_i_memory, d_w_i_user);
+    }
+    if (d_w_h_memory != d_w_h_user) {
+      dnnl::reorder(d_w_h_memory, d_w_h_user)
+          .execute(stream, d_w_h_memory, d_w_h_user);
+    }
+    stream.wait();
+  });
+}
+
+}  // namespace
+
+// Declared first to give the handlers default visibility.
+extern "C" {
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmInference(XLA_FFI_CallFrame* frame);
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmForward(XLA_FFI_CallFrame* frame);
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmBackward(XLA_FFI_CallFrame* frame);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmInference, LstmInference,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmForward, LstmForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmBackward, LstmBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Plain C entry points for ctypes.
+
+// Builds (and caches) the inference and training primitives of a shape and
+// returns the training workspace's size in bytes, or -1 if oneDNN cannot
+// build them (the message goes to ``error``).
+extern "C" HK_RNN_EXPORT int64_t hk_rnn_lstm_prepare(int64_t steps,
+                                                     int64_t batch,
+                                                     int64_t inputs,
+                                                     int64_t features,
+                                                     char* error,
+                                                     size_t error_size) {
+  try {
+    Shape shape{steps, batch, inputs, features};
+    Cached<Inference>(shape);
+    const Training& cached = Cached<Training>(shape);
+    return static_cast<int64_t>(cached.forward_pd.workspace_desc().get_size());
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return -1;
+  }
+}
+
+// 0 when oneDNN's CPU engine works here, else -1 with the message in
+// ``error``; ``version`` receives oneDNN's version, e.g. "3.2.0".
+extern "C" HK_RNN_EXPORT int hk_rnn_onednn_check(char* version, size_t version_size,
+                                   char* error, size_t error_size) {
+  const dnnl_version_t* v = dnnl_version();
+  std::snprintf(version, version_size, "%d.%d.%d", v->major, v->minor,
+                v->patch);
+  try {
+    Engine();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(error, error_size, "%s", e.what());
+    return -1;
+  }
+}
