@@ -118,12 +118,21 @@ class Lease {
   void* data_ = nullptr;
 };
 
+enum class Kind : int { kLstm = 0, kGru = 1 };
+
 struct Shape {
+  Kind kind;
   int64_t steps, batch, inputs, features;
   bool operator<(const Shape& other) const {
-    return std::tie(steps, batch, inputs, features) <
-           std::tie(other.steps, other.batch, other.inputs, other.features);
+    return std::tie(kind, steps, batch, inputs, features) <
+           std::tie(other.kind, other.steps, other.batch, other.inputs,
+                    other.features);
   }
+  bool lstm() const { return kind == Kind::kLstm; }
+  // Gate blocks of the weights, and of the bias: oneDNN's linear-before-
+  // reset GRU has a fourth bias block, the recurrent bias of c~.
+  int64_t gates() const { return lstm() ? 4 : 3; }
+  int64_t bias_gates() const { return 4; }
 };
 
 memory::desc Desc(const memory::dims& dims, Tag tag) {
@@ -131,18 +140,21 @@ memory::desc Desc(const memory::dims& dims, Tag tag) {
 }
 
 // The memory descriptors of one shape, in the user's layouts (`any` for the
-// weights, so that the primitive picks its own).
+// weights, so that the primitive picks its own). The carry `c` is an empty
+// descriptor for the GRU.
 struct Descs {
-  memory::desc x, carry, w_i, w_h, b, y, w_i_user, w_h_user;
+  memory::desc x, h, c, w_i, w_h, b, y, w_i_user, w_h_user;
   explicit Descs(const Shape& s)
       : x(Desc({s.steps, s.batch, s.inputs}, Tag::tnc)),
-        carry(Desc({1, 1, s.batch, s.features}, Tag::ldnc)),
-        w_i(Desc({1, 1, s.inputs, 4, s.features}, Tag::any)),
-        w_h(Desc({1, 1, s.features, 4, s.features}, Tag::any)),
-        b(Desc({1, 1, 4, s.features}, Tag::ldgo)),
+        h(Desc({1, 1, s.batch, s.features}, Tag::ldnc)),
+        c(s.lstm() ? h : memory::desc()),
+        w_i(Desc({1, 1, s.inputs, s.gates(), s.features}, Tag::any)),
+        w_h(Desc({1, 1, s.features, s.gates(), s.features}, Tag::any)),
+        b(Desc({1, 1, s.bias_gates(), s.features}, Tag::ldgo)),
         y(Desc({s.steps, s.batch, s.features}, Tag::tnc)),
-        w_i_user(Desc({1, 1, s.inputs, 4, s.features}, Tag::ldigo)),
-        w_h_user(Desc({1, 1, s.features, 4, s.features}, Tag::ldigo)) {}
+        w_i_user(Desc({1, 1, s.inputs, s.gates(), s.features}, Tag::ldigo)),
+        w_h_user(
+            Desc({1, 1, s.features, s.gates(), s.features}, Tag::ldigo)) {}
 };
 
 dnnl::primitive_attr UserScratchpad() {
@@ -151,43 +163,63 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-dnnl::lstm_forward::primitive_desc ForwardDesc(const Shape& s,
-                                               dnnl::prop_kind kind) {
+constexpr auto kLeftToRight = dnnl::rnn_direction::unidirectional_left2right;
+
+// The forward and backward primitive descriptors, through the base class
+// both cells' descriptors derive from.
+dnnl::rnn_primitive_desc_base ForwardDesc(const Shape& s,
+                                          dnnl::prop_kind kind) {
   Descs d(s);
-  return dnnl::lstm_forward::primitive_desc(
-      Engine(), kind, dnnl::rnn_direction::unidirectional_left2right, d.x,
-      d.carry, d.carry, d.w_i, d.w_h, d.b, d.y, d.carry, d.carry,
+  if (s.lstm()) {
+    return dnnl::lstm_forward::primitive_desc(
+        Engine(), kind, kLeftToRight, d.x, d.h, d.c, d.w_i, d.w_h, d.b, d.y,
+        d.h, d.c, UserScratchpad());
+  }
+  return dnnl::lbr_gru_forward::primitive_desc(
+      Engine(), kind, kLeftToRight, d.x, d.h, d.w_i, d.w_h, d.b, d.y, d.h,
       UserScratchpad());
 }
 
+// The training primitives: the backward descriptor needs the forward one as
+// a hint, in its own cell's type.
+struct Training {
+  dnnl::rnn_primitive_desc_base forward_pd, backward_pd;
+  dnnl::primitive forward, backward;
+
+  explicit Training(const Shape& s) {
+    Descs d(s);
+    constexpr auto kTraining = dnnl::prop_kind::forward_training;
+    constexpr auto kBackward = dnnl::prop_kind::backward;
+    if (s.lstm()) {
+      dnnl::lstm_forward::primitive_desc hint(
+          Engine(), kTraining, kLeftToRight, d.x, d.h, d.c, d.w_i, d.w_h,
+          d.b, d.y, d.h, d.c, UserScratchpad());
+      forward_pd = hint;
+      backward_pd = dnnl::lstm_backward::primitive_desc(
+          Engine(), kBackward, kLeftToRight, d.x, d.h, d.c, d.w_i, d.w_h,
+          d.b, d.y, d.h, d.c, d.x, d.h, d.c, d.w_i, d.w_h, d.b, d.y, d.h, d.c,
+          hint, UserScratchpad());
+    } else {
+      dnnl::lbr_gru_forward::primitive_desc hint(
+          Engine(), kTraining, kLeftToRight, d.x, d.h, d.w_i, d.w_h, d.b,
+          d.y, d.h, UserScratchpad());
+      forward_pd = hint;
+      backward_pd = dnnl::lbr_gru_backward::primitive_desc(
+          Engine(), kBackward, kLeftToRight, d.x, d.h, d.w_i, d.w_h, d.b,
+          d.y, d.h, d.x, d.h, d.w_i, d.w_h, d.b, d.y, d.h, hint,
+          UserScratchpad());
+    }
+    forward = dnnl::primitive(forward_pd);
+    backward = dnnl::primitive(backward_pd);
+  }
+};
+
 struct Inference {
-  dnnl::lstm_forward::primitive_desc pd;
-  dnnl::lstm_forward primitive;
+  dnnl::rnn_primitive_desc_base pd;
+  dnnl::primitive primitive;
   explicit Inference(const Shape& s)
       : pd(ForwardDesc(s, dnnl::prop_kind::forward_inference)),
         primitive(pd) {}
-};
-
-struct Training {
-  dnnl::lstm_forward::primitive_desc forward_pd;
-  dnnl::lstm_forward forward;
-  dnnl::lstm_backward::primitive_desc backward_pd;
-  dnnl::lstm_backward backward;
-  explicit Training(const Shape& s)
-      : forward_pd(ForwardDesc(s, dnnl::prop_kind::forward_training)),
-        forward(forward_pd),
-        backward_pd(BackwardDesc(s, forward_pd)),
-        backward(backward_pd) {}
-
-  static dnnl::lstm_backward::primitive_desc BackwardDesc(
-      const Shape& s, const dnnl::lstm_forward::primitive_desc& hint) {
-    Descs d(s);
-    return dnnl::lstm_backward::primitive_desc(
-        Engine(), dnnl::prop_kind::backward,
-        dnnl::rnn_direction::unidirectional_left2right, d.x, d.carry, d.carry,
-        d.w_i, d.w_h, d.b, d.y, d.carry, d.carry, d.x, d.carry, d.carry,
-        d.w_i, d.w_h, d.b, d.y, d.carry, d.carry, hint, UserScratchpad());
-  }
 };
 
 // Primitives are built once per shape; executing one from several threads
@@ -217,9 +249,10 @@ memory InLayout(const memory& user, const memory::desc& want, Lease& lease,
   return converted;
 }
 
-Shape ShapeOf(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_h) {
+Shape ShapeOf(Kind kind, const ffi::Buffer<ffi::F32>& x,
+              const ffi::Buffer<ffi::F32>& w_h) {
   auto x_dims = x.dimensions();
-  return Shape{x_dims[0], x_dims[1], x_dims[2], w_h.dimensions()[0]};
+  return Shape{kind, x_dims[0], x_dims[1], x_dims[2], w_h.dimensions()[0]};
 }
 
 template <typename F>
@@ -230,155 +263,217 @@ ffi::Error Guarded(F&& body) {
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("hk_rnn oneDNN LSTM: ") +
+    return ffi::Error::Internal(std::string("hk_rnn oneDNN RNN: ") +
                                 e.what());
   }
 }
 
-// The forward pass shared by inference and training (``workspace`` null for
-// inference).
-void RunForward(const dnnl::lstm_forward::primitive_desc& pd,
-                const dnnl::lstm_forward& primitive, const Shape& shape,
-                ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w_i,
-                ffi::Buffer<ffi::F32>& w_h, ffi::Buffer<ffi::F32>& b,
-                ffi::Buffer<ffi::F32>& c_0, ffi::Buffer<ffi::F32>& h_0,
-                float* y, float* c_n, float* h_n, void* workspace) {
+// The arrays of one call; ``c``-pointers are null for the GRU.
+struct Forward {
+  const float *x, *w_i, *w_h, *b, *c_0, *h_0;
+  float *y, *c_n, *h_n;
+  void* workspace;  // null for inference
+};
+
+struct Backward {
+  Forward forward;  // its outputs are the forward pass's, read here
+  const float *d_y, *d_c_n, *d_h_n;
+  float *d_x, *d_w_i, *d_w_h, *d_b, *d_c_0, *d_h_0;
+  size_t bias_bytes;
+};
+
+void RunForward(const Shape& shape, const Forward& a) {
+  const dnnl::rnn_primitive_desc_base* pd;
+  const dnnl::primitive* primitive;
+  if (a.workspace == nullptr) {
+    const Inference& cached = Cached<Inference>(shape);
+    pd = &cached.pd;
+    primitive = &cached.primitive;
+  } else {
+    const Training& cached = Cached<Training>(shape);
+    pd = &cached.forward_pd;
+    primitive = &cached.forward;
+  }
   Descs d(shape);
   dnnl::stream stream(Engine());
   Lease w_i_lease, w_h_lease;
-  memory w_i_memory = InLayout(Wrap(d.w_i_user, w_i.typed_data()),
-                               pd.weights_layer_desc(), w_i_lease, stream);
-  memory w_h_memory = InLayout(Wrap(d.w_h_user, w_h.typed_data()),
-                               pd.weights_iter_desc(), w_h_lease, stream);
-  Lease scratchpad(pd.scratchpad_desc().get_size());
+  memory w_i = InLayout(Wrap(d.w_i_user, a.w_i), pd->weights_layer_desc(),
+                        w_i_lease, stream);
+  memory w_h = InLayout(Wrap(d.w_h_user, a.w_h), pd->weights_iter_desc(),
+                        w_h_lease, stream);
+  Lease scratchpad(pd->scratchpad_desc().get_size());
   std::unordered_map<int, memory> args = {
-      {DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
-      {DNNL_ARG_SRC_ITER, Wrap(d.carry, h_0.typed_data())},
-      {DNNL_ARG_SRC_ITER_C, Wrap(d.carry, c_0.typed_data())},
-      {DNNL_ARG_WEIGHTS_LAYER, w_i_memory},
-      {DNNL_ARG_WEIGHTS_ITER, w_h_memory},
-      {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
-      {DNNL_ARG_DST_LAYER, Wrap(d.y, y)},
-      {DNNL_ARG_DST_ITER, Wrap(d.carry, h_n)},
-      {DNNL_ARG_DST_ITER_C, Wrap(d.carry, c_n)},
-      {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), scratchpad.data())},
+      {DNNL_ARG_SRC_LAYER, Wrap(d.x, a.x)},
+      {DNNL_ARG_SRC_ITER, Wrap(d.h, a.h_0)},
+      {DNNL_ARG_WEIGHTS_LAYER, w_i},
+      {DNNL_ARG_WEIGHTS_ITER, w_h},
+      {DNNL_ARG_BIAS, Wrap(d.b, a.b)},
+      {DNNL_ARG_DST_LAYER, Wrap(d.y, a.y)},
+      {DNNL_ARG_DST_ITER, Wrap(d.h, a.h_n)},
+      {DNNL_ARG_SCRATCHPAD, Wrap(pd->scratchpad_desc(), scratchpad.data())},
   };
-  if (workspace != nullptr) {
-    args.emplace(DNNL_ARG_WORKSPACE, Wrap(pd.workspace_desc(), workspace));
+  if (shape.lstm()) {
+    args.emplace(DNNL_ARG_SRC_ITER_C, Wrap(d.c, a.c_0));
+    args.emplace(DNNL_ARG_DST_ITER_C, Wrap(d.c, a.c_n));
   }
-  primitive.execute(stream, args);
+  if (a.workspace != nullptr) {
+    args.emplace(DNNL_ARG_WORKSPACE, Wrap(pd->workspace_desc(), a.workspace));
+  }
+  primitive->execute(stream, args);
   stream.wait();
 }
 
-ffi::Error LstmInference(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                         ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
-                         ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
-                         ffi::ResultBuffer<ffi::F32> y,
-                         ffi::ResultBuffer<ffi::F32> c_n,
-                         ffi::ResultBuffer<ffi::F32> h_n) {
+void RunBackward(const Shape& shape, const Backward& a) {
+  const Training& cached = Cached<Training>(shape);
+  const auto& pd = cached.backward_pd;
+  const Forward& f = a.forward;
+  Descs d(shape);
+  dnnl::stream stream(Engine());
+  Lease w_i_lease, w_h_lease;
+  memory w_i = InLayout(Wrap(d.w_i_user, f.w_i), pd.weights_layer_desc(),
+                        w_i_lease, stream);
+  memory w_h = InLayout(Wrap(d.w_h_user, f.w_h), pd.weights_iter_desc(),
+                        w_h_lease, stream);
+  // The weight gradients: straight into the outputs when the primitive
+  // takes our layout, otherwise into a leased buffer reordered after.
+  memory d_w_i_user = Wrap(d.w_i_user, a.d_w_i);
+  memory d_w_h_user = Wrap(d.w_h_user, a.d_w_h);
+  Lease d_w_i_lease, d_w_h_lease;
+  auto gradient_memory = [&](const memory& user, const memory::desc& want,
+                             Lease& lease) {
+    if (user.get_desc() == want) return user;
+    lease = Lease(want.get_size());
+    return memory(want, Engine(), lease.data());
+  };
+  memory d_w_i =
+      gradient_memory(d_w_i_user, pd.diff_weights_layer_desc(), d_w_i_lease);
+  memory d_w_h =
+      gradient_memory(d_w_h_user, pd.diff_weights_iter_desc(), d_w_h_lease);
+  std::memset(d_w_i.get_data_handle(), 0, d_w_i.get_desc().get_size());
+  std::memset(d_w_h.get_data_handle(), 0, d_w_h.get_desc().get_size());
+  std::memset(a.d_b, 0, a.bias_bytes);
+  Lease scratchpad(pd.scratchpad_desc().get_size());
+  std::unordered_map<int, memory> args = {
+      {DNNL_ARG_SRC_LAYER, Wrap(d.x, f.x)},
+      {DNNL_ARG_SRC_ITER, Wrap(d.h, f.h_0)},
+      {DNNL_ARG_WEIGHTS_LAYER, w_i},
+      {DNNL_ARG_WEIGHTS_ITER, w_h},
+      {DNNL_ARG_BIAS, Wrap(d.b, f.b)},
+      {DNNL_ARG_DST_LAYER, Wrap(d.y, f.y)},
+      {DNNL_ARG_DST_ITER, Wrap(d.h, f.h_n)},
+      {DNNL_ARG_WORKSPACE, Wrap(pd.workspace_desc(), f.workspace)},
+      {DNNL_ARG_DIFF_DST_LAYER, Wrap(d.y, a.d_y)},
+      {DNNL_ARG_DIFF_DST_ITER, Wrap(d.h, a.d_h_n)},
+      {DNNL_ARG_DIFF_SRC_LAYER, Wrap(d.x, a.d_x)},
+      {DNNL_ARG_DIFF_SRC_ITER, Wrap(d.h, a.d_h_0)},
+      {DNNL_ARG_DIFF_WEIGHTS_LAYER, d_w_i},
+      {DNNL_ARG_DIFF_WEIGHTS_ITER, d_w_h},
+      {DNNL_ARG_DIFF_BIAS, Wrap(d.b, a.d_b)},
+      {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), scratchpad.data())},
+  };
+  if (shape.lstm()) {
+    args.emplace(DNNL_ARG_SRC_ITER_C, Wrap(d.c, f.c_0));
+    args.emplace(DNNL_ARG_DST_ITER_C, Wrap(d.c, f.c_n));
+    args.emplace(DNNL_ARG_DIFF_DST_ITER_C, Wrap(d.c, a.d_c_n));
+    args.emplace(DNNL_ARG_DIFF_SRC_ITER_C, Wrap(d.c, a.d_c_0));
+  }
+  cached.backward.execute(stream, args);
+  if (d_w_i != d_w_i_user) {
+    dnnl::reorder(d_w_i, d_w_i_user).execute(stream, d_w_i, d_w_i_user);
+  }
+  if (d_w_h != d_w_h_user) {
+    dnnl::reorder(d_w_h, d_w_h_user).execute(stream, d_w_h, d_w_h_user);
+  }
+  stream.wait();
+}
+
+void CheckWorkspace(const Shape& shape, size_t bytes) {
+  if (bytes != Cached<Training>(shape).forward_pd.workspace_desc().get_size())
+    throw std::runtime_error("workspace size does not match the primitive");
+}
+
+using In = ffi::Buffer<ffi::F32>;
+using Out = ffi::ResultBuffer<ffi::F32>;
+using Bytes = ffi::ResultBuffer<ffi::U8>;
+
+ffi::Error LstmInference(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
+                         Out c_n, Out h_n) {
   return Guarded([&] {
-    Shape shape = ShapeOf(x, w_h);
-    const Inference& cached = Cached<Inference>(shape);
-    RunForward(cached.pd, cached.primitive, shape, x, w_i, w_h, b, c_0, h_0,
-               y->typed_data(), c_n->typed_data(), h_n->typed_data(),
-               nullptr);
+    RunForward(ShapeOf(Kind::kLstm, x, w_h),
+               {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
+                b.typed_data(), c_0.typed_data(), h_0.typed_data(),
+                y->typed_data(), c_n->typed_data(), h_n->typed_data(),
+                nullptr});
   });
 }
 
-ffi::Error LstmForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-                       ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
-                       ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
-                       ffi::ResultBuffer<ffi::F32> y,
-                       ffi::ResultBuffer<ffi::F32> c_n,
-                       ffi::ResultBuffer<ffi::F32> h_n,
-                       ffi::ResultBuffer<ffi::U8> workspace) {
+ffi::Error LstmForward(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
+                       Out c_n, Out h_n, Bytes workspace) {
   return Guarded([&] {
-    Shape shape = ShapeOf(x, w_h);
-    const Training& cached = Cached<Training>(shape);
-    if (workspace->size_bytes() != cached.forward_pd.workspace_desc().get_size())
-      throw std::runtime_error("workspace size does not match the primitive");
-    RunForward(cached.forward_pd, cached.forward, shape, x, w_i, w_h, b, c_0,
-               h_0, y->typed_data(), c_n->typed_data(), h_n->typed_data(),
-               workspace->untyped_data());
+    Shape shape = ShapeOf(Kind::kLstm, x, w_h);
+    CheckWorkspace(shape, workspace->size_bytes());
+    RunForward(shape, {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
+                       b.typed_data(), c_0.typed_data(), h_0.typed_data(),
+                       y->typed_data(), c_n->typed_data(), h_n->typed_data(),
+                       workspace->untyped_data()});
   });
 }
 
-ffi::Error LstmBackward(
-    ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_i,
-    ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> b,
-    ffi::Buffer<ffi::F32> c_0, ffi::Buffer<ffi::F32> h_0,
-    ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> c_n,
-    ffi::Buffer<ffi::F32> h_n, ffi::Buffer<ffi::U8> workspace,
-    ffi::Buffer<ffi::F32> d_y, ffi::Buffer<ffi::F32> d_c_n,
-    ffi::Buffer<ffi::F32> d_h_n, ffi::ResultBuffer<ffi::F32> d_x,
-    ffi::ResultBuffer<ffi::F32> d_w_i, ffi::ResultBuffer<ffi::F32> d_w_h,
-    ffi::ResultBuffer<ffi::F32> d_b, ffi::ResultBuffer<ffi::F32> d_c_0,
-    ffi::ResultBuffer<ffi::F32> d_h_0) {
+ffi::Error LstmBackward(In x, In w_i, In w_h, In b, In c_0, In h_0, In y,
+                        In c_n, In h_n, ffi::Buffer<ffi::U8> workspace,
+                        In d_y, In d_c_n, In d_h_n, Out d_x, Out d_w_i,
+                        Out d_w_h, Out d_b, Out d_c_0, Out d_h_0) {
   return Guarded([&] {
-    Shape shape = ShapeOf(x, w_h);
-    const Training& cached = Cached<Training>(shape);
-    const auto& pd = cached.backward_pd;
-    Descs d(shape);
-    dnnl::stream stream(Engine());
-    Lease w_i_lease, w_h_lease;
-    memory w_i_memory = InLayout(Wrap(d.w_i_user, w_i.typed_data()),
-                                 pd.weights_layer_desc(), w_i_lease, stream);
-    memory w_h_memory = InLayout(Wrap(d.w_h_user, w_h.typed_data()),
-                                 pd.weights_iter_desc(), w_h_lease, stream);
-    // The weight gradients: straight into the outputs when the primitive
-    // takes our layout, otherwise into a leased buffer reordered after.
-    memory d_w_i_user = Wrap(d.w_i_user, d_w_i->typed_data());
-    memory d_w_h_user = Wrap(d.w_h_user, d_w_h->typed_data());
-    Lease d_w_i_lease, d_w_h_lease;
-    auto gradient_memory = [&](const memory& user, const memory::desc& want,
-                               Lease& lease) {
-      if (user.get_desc() == want) return user;
-      lease = Lease(want.get_size());
-      return memory(want, Engine(), lease.data());
-    };
-    memory d_w_i_memory = gradient_memory(
-        d_w_i_user, pd.diff_weights_layer_desc(), d_w_i_lease);
-    memory d_w_h_memory = gradient_memory(
-        d_w_h_user, pd.diff_weights_iter_desc(), d_w_h_lease);
-    std::memset(d_w_i_memory.get_data_handle(), 0,
-                d_w_i_memory.get_desc().get_size());
-    std::memset(d_w_h_memory.get_data_handle(), 0,
-                d_w_h_memory.get_desc().get_size());
-    std::memset(d_b->typed_data(), 0, d_b->size_bytes());
-    Lease scratchpad(pd.scratchpad_desc().get_size());
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC_LAYER, Wrap(d.x, x.typed_data())},
-        {DNNL_ARG_SRC_ITER, Wrap(d.carry, h_0.typed_data())},
-        {DNNL_ARG_SRC_ITER_C, Wrap(d.carry, c_0.typed_data())},
-        {DNNL_ARG_WEIGHTS_LAYER, w_i_memory},
-        {DNNL_ARG_WEIGHTS_ITER, w_h_memory},
-        {DNNL_ARG_BIAS, Wrap(d.b, b.typed_data())},
-        {DNNL_ARG_DST_LAYER, Wrap(d.y, y.typed_data())},
-        {DNNL_ARG_DST_ITER, Wrap(d.carry, h_n.typed_data())},
-        {DNNL_ARG_DST_ITER_C, Wrap(d.carry, c_n.typed_data())},
-        {DNNL_ARG_WORKSPACE,
-         Wrap(pd.workspace_desc(), workspace.untyped_data())},
-        {DNNL_ARG_DIFF_DST_LAYER, Wrap(d.y, d_y.typed_data())},
-        {DNNL_ARG_DIFF_DST_ITER, Wrap(d.carry, d_h_n.typed_data())},
-        {DNNL_ARG_DIFF_DST_ITER_C, Wrap(d.carry, d_c_n.typed_data())},
-        {DNNL_ARG_DIFF_SRC_LAYER, Wrap(d.x, d_x->typed_data())},
-        {DNNL_ARG_DIFF_SRC_ITER, Wrap(d.carry, d_h_0->typed_data())},
-        {DNNL_ARG_DIFF_SRC_ITER_C, Wrap(d.carry, d_c_0->typed_data())},
-        {DNNL_ARG_DIFF_WEIGHTS_LAYER, d_w_i_memory},
-        {DNNL_ARG_DIFF_WEIGHTS_ITER, d_w_h_memory},
-        {DNNL_ARG_DIFF_BIAS, Wrap(d.b, d_b->typed_data())},
-        {DNNL_ARG_SCRATCHPAD, Wrap(pd.scratchpad_desc(), scratchpad.data())},
-    };
-    cached.backward.execute(stream, args);
-    if (d_w_i_memory != d_w_i_user) {
-      dnnl::reorder(d_w_i_memory, d_w_i_user)
-          .execute(stream, d_w_i_memory, d_w_i_user);
-    }
-    if (d_w_h_memory != d_w_h_user) {
-      dnnl::reorder(d_w_h_memory, d_w_h_user)
-          .execute(stream, d_w_h_memory, d_w_h_user);
-    }
-    stream.wait();
+    Forward forward{x.typed_data(),   w_i.typed_data(), w_h.typed_data(),
+                    b.typed_data(),   c_0.typed_data(), h_0.typed_data(),
+                    y.typed_data(),   c_n.typed_data(), h_n.typed_data(),
+                    workspace.untyped_data()};
+    RunBackward(ShapeOf(Kind::kLstm, x, w_h),
+                {forward, d_y.typed_data(), d_c_n.typed_data(),
+                 d_h_n.typed_data(), d_x->typed_data(), d_w_i->typed_data(),
+                 d_w_h->typed_data(), d_b->typed_data(), d_c_0->typed_data(),
+                 d_h_0->typed_data(), d_b->size_bytes()});
+  });
+}
+
+// The GRU takes its bias in oneDNN's four blocks (u, r, c~, then c~'s
+// recurrent bias) and its weights in blocks u, r, c~; the Python side maps
+// hk_rnn's r, z, n blocks and two biases onto these.
+
+ffi::Error GruInference(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n) {
+  return Guarded([&] {
+    RunForward(ShapeOf(Kind::kGru, x, w_h),
+               {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
+                b.typed_data(), nullptr, h_0.typed_data(), y->typed_data(),
+                nullptr, h_n->typed_data(), nullptr});
+  });
+}
+
+ffi::Error GruForward(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n,
+                      Bytes workspace) {
+  return Guarded([&] {
+    Shape shape = ShapeOf(Kind::kGru, x, w_h);
+    CheckWorkspace(shape, workspace->size_bytes());
+    RunForward(shape, {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
+                       b.typed_data(), nullptr, h_0.typed_data(),
+                       y->typed_data(), nullptr, h_n->typed_data(),
+                       workspace->untyped_data()});
+  });
+}
+
+ffi::Error GruBackward(In x, In w_i, In w_h, In b, In h_0, In y, In h_n,
+                       ffi::Buffer<ffi::U8> workspace, In d_y, In d_h_n,
+                       Out d_x, Out d_w_i, Out d_w_h, Out d_b, Out d_h_0) {
+  return Guarded([&] {
+    Forward forward{x.typed_data(), w_i.typed_data(), w_h.typed_data(),
+                    b.typed_data(), nullptr,          h_0.typed_data(),
+                    y.typed_data(), nullptr,          h_n.typed_data(),
+                    workspace.untyped_data()};
+    RunBackward(ShapeOf(Kind::kGru, x, w_h),
+                {forward, d_y.typed_data(), nullptr, d_h_n.typed_data(),
+                 d_x->typed_data(), d_w_i->typed_data(), d_w_h->typed_data(),
+                 d_b->typed_data(), nullptr, d_h_0->typed_data(),
+                 d_b->size_bytes()});
   });
 }
 
@@ -389,68 +484,115 @@ extern "C" {
 HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmInference(XLA_FFI_CallFrame* frame);
 HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmForward(XLA_FFI_CallFrame* frame);
 HK_RNN_EXPORT XLA_FFI_Error* HkRnnLstmBackward(XLA_FFI_CallFrame* frame);
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnGruInference(XLA_FFI_CallFrame* frame);
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnGruForward(XLA_FFI_CallFrame* frame);
+HK_RNN_EXPORT XLA_FFI_Error* HkRnnGruBackward(XLA_FFI_CallFrame* frame);
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmInference, LstmInference,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnLstmInference, LstmInference,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmForward, LstmForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnLstmForward, LstmForward,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::U8>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(HkRnnLstmBackward, LstmBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnLstmBackward, LstmBackward,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<ffi::Buffer<ffi::U8>>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnGruInference, GruInference,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnGruForward, GruForward,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::U8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    HkRnnGruBackward, GruBackward,
+    ffi::Ffi::Bind()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<In>()
+    .Arg<ffi::Buffer<ffi::U8>>()
+    .Arg<In>()
+    .Arg<In>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>()
+    .Ret<ffi::Buffer<ffi::F32>>());
 
 // Plain C entry points for ctypes.
 
-// Builds (and caches) the inference and training primitives of a shape and
-// returns the training workspace's size in bytes, or -1 if oneDNN cannot
-// build them (the message goes to ``error``).
-extern "C" HK_RNN_EXPORT int64_t hk_rnn_lstm_prepare(int64_t steps,
-                                                     int64_t batch,
-                                                     int64_t inputs,
-                                                     int64_t features,
-                                                     char* error,
-                                                     size_t error_size) {
+// Builds (and caches) the inference and training primitives of a shape
+// (``kind`` 0: LSTM, 1: GRU) and returns the training workspace's size in
+// bytes, or -1 if oneDNN cannot build them (the message goes to ``error``).
+extern "C" HK_RNN_EXPORT int64_t hk_rnn_prepare(int kind, int64_t steps,
+                                                int64_t batch, int64_t inputs,
+                                                int64_t features, char* error,
+                                                size_t error_size) {
   try {
-    Shape shape{steps, batch, inputs, features};
+    if (kind != 0 && kind != 1) throw std::invalid_argument("unknown kind");
+    Shape shape{static_cast<Kind>(kind), steps, batch, inputs, features};
     Cached<Inference>(shape);
     const Training& cached = Cached<Training>(shape);
     return static_cast<int64_t>(cached.forward_pd.workspace_desc().get_size());

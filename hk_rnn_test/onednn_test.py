@@ -9,6 +9,7 @@ extension is not built (``python setup.py build_ext --inplace``).
 """
 
 import ctypes
+import importlib.util
 import os
 import tempfile
 import threading
@@ -25,13 +26,14 @@ from hk_rnn._src import fused, onednn
 from hk_rnn_test import test_utils
 
 _AVAILABLE = onednn.available()
+_HAS_TORCH = importlib.util.find_spec("torch") is not None
 _SKIP = absltest.skipUnless(
   _AVAILABLE, "the oneDNN extension is not built (docs/performance.md)"
 )
 
 
 def _make(steps, batch, inputs, features, seed=0, zero_carry=False):
-  """Random float32 ``(x, w_i, w_h, b, (c, h))``, time-major."""
+  """Random float32 LSTM arguments ``(x, w_i, w_h, b, (c, h))``, time-major."""
   rng = np.random.default_rng(seed)
 
   def normal(*shape, scale=1.0):
@@ -50,8 +52,63 @@ def _make(steps, batch, inputs, features, seed=0, zero_carry=False):
   )
 
 
+def _make_gru(steps, batch, inputs, features, seed=0):
+  """Random float32 GRU arguments ``(x, w_i, w_h, b_i, b_h, h)``."""
+  rng = np.random.default_rng(seed)
+
+  def normal(*shape, scale=1.0):
+    return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+  width = 3 * features
+  return (
+    normal(steps, batch, inputs),
+    normal(inputs, width, scale=0.6),
+    normal(features, width, scale=0.4),
+    normal(width, scale=0.3),
+    normal(width, scale=0.3),
+    normal(batch, features),
+  )
+
+
+def _gru_through_onednn(*args):
+  return onednn.gru(*args)
+
+
+def _gru_through_fused(x, w_i, w_h, b_i, b_h, h):
+  (h,), outputs = fused._sequence(  # noqa: SLF001
+    fused._GRU,  # noqa: SLF001
+    1,
+    x,
+    w_i,
+    w_h,
+    b_i,
+    b_h,
+    (h,),
+    (h,),
+    None,
+    None,
+    None,
+  )
+  return h, outputs
+
+
+def _gru_through_steps(x, w_i, w_h, b_i, b_h, h):
+  params = {"w_i": w_i, "w_h": w_h, "b_i": b_i, "b_h": b_h}
+  outputs = []
+  for t in range(x.shape[0]):
+    h, y = test_utils.reference_step("gru", params, h, x[t])
+    outputs.append(y)
+  return h, jnp.stack(outputs)
+
+
 def _through_onednn(x, w_i, w_h, b, carry):
+  """oneDNN for the values and, under autodiff, its training primitives."""
   return onednn.lstm(x, w_i, w_h, b, carry)
+
+
+def _through_dispatch(x, w_i, w_h, b, carry):
+  """What ``lstm_sequence`` runs by default."""
+  return fused.lstm_sequence(x, w_i, w_h, b, carry)
 
 
 def _through_fused(x, w_i, w_h, b, carry):
@@ -104,14 +161,15 @@ def _assert_close(actual, expected, atol=1e-5):
   )
 
 
-def _runs_onednn(function, *args):
+def _runs_onednn(function, *args, target="hk_rnn_"):
   """Whether ``function(*args)`` calls the extension (read from its jaxpr).
 
-  A fresh wrapper each time: JAX caches traces by function, and the switch
-  is read when tracing.
+  ``target`` is a prefix of the custom calls looked for. A fresh wrapper
+  each time: JAX caches traces by function, and the switch is read when
+  tracing.
   """
   jaxpr = jax.make_jaxpr(lambda *a: function(*a))(*args)
-  return "hk_rnn_lstm" in str(jaxpr)
+  return target in str(jaxpr)
 
 
 class _Switch(parameterized.TestCase):
@@ -124,6 +182,7 @@ class _Switch(parameterized.TestCase):
     environment.start()
     self.addCleanup(environment.stop)
     os.environ.pop(onednn.ENVIRONMENT_VARIABLE, None)
+    os.environ.pop(onednn.TRAINING_VARIABLE, None)
 
 
 @_SKIP
@@ -142,21 +201,116 @@ class ValuesAndGradientsTest(_Switch):
     actual = _results_and_grads(_through_onednn)(*args)
     _assert_close(actual, _results_and_grads(_through_fused)(*args))
     _assert_close(actual, _results_and_grads(_through_steps)(*args))
+    # The default: oneDNN's values, the fused kernel's VJP.
+    _assert_close(_results_and_grads(_through_dispatch)(*args), actual)
+
+  @parameterized.named_parameters(
+    ("one_unit", 1, 1, 1, 1),
+    ("small", 6, 4, 3, 5),
+    ("wide", 9, 3, 16, 32),
+  )
+  def test_gru_matches_the_fused_kernel_and_the_step_loop(
+    self, steps, batch, inputs, features
+  ):
+    args = _make_gru(steps, batch, inputs, features)
+    actual = _results_and_grads(_gru_through_onednn)(*args)
+    _assert_close(actual, _results_and_grads(_gru_through_fused)(*args))
+    _assert_close(actual, _results_and_grads(_gru_through_steps)(*args))
+    dispatch = _results_and_grads(lambda *a: fused.gru_sequence(*a))
+    _assert_close(dispatch(*args), actual)
+
+  @absltest.skipUnless(_HAS_TORCH, "PyTorch is not installed")
+  def test_matches_pytorch(self):
+    """``torch.nn.LSTM`` (oneDNN's primitive too, but its own build) as oracle."""
+    import torch
+
+    x, w_i, w_h, b, (c, h) = _make(7, 3, 4, 6, seed=5)
+    module = torch.nn.LSTM(4, 6)
+    with torch.no_grad():
+      module.weight_ih_l0.copy_(torch.tensor(np.array(w_i.T)))
+      module.weight_hh_l0.copy_(torch.tensor(np.array(w_h.T)))
+      module.bias_ih_l0.copy_(torch.tensor(np.array(b)))
+      module.bias_hh_l0.zero_()
+    tx = torch.tensor(np.array(x), requires_grad=True)
+    initial = tuple(torch.tensor(np.array(a))[None] for a in (h, c))
+    y, (h_n, c_n) = module(tx, initial)
+    (y.sum() + (2 * h_n).sum() + (3 * c_n).sum()).backward()
+
+    def loss(x, w_i, w_h, b):
+      (c_n, h_n), y = _through_onednn(x, w_i, w_h, b, (c, h))
+      return jnp.sum(y) + jnp.sum(2 * h_n) + jnp.sum(3 * c_n), (y, c_n, h_n)
+
+    (_, values), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    )(x, w_i, w_h, b)
+    expected_values = (y, c_n[0], h_n[0])
+    expected_grads = (
+      tx.grad,
+      module.weight_ih_l0.grad.T,
+      module.weight_hh_l0.grad.T,
+      module.bias_ih_l0.grad,
+    )
+    _assert_close(
+      (values, grads),
+      jax.tree.map(
+        lambda t: t.detach().numpy(), (expected_values, expected_grads)
+      ),
+    )
+
+  @absltest.skipUnless(_HAS_TORCH, "PyTorch is not installed")
+  def test_gru_matches_pytorch(self):
+    """``torch.nn.GRU``: gate blocks r, z, n, ``b_hn`` inside ``r ⊙ (...)``."""
+    import torch
+
+    x, w_i, w_h, b_i, b_h, h = _make_gru(7, 3, 4, 6, seed=6)
+    module = torch.nn.GRU(4, 6)
+    with torch.no_grad():
+      for name, value in (
+        ("weight_ih_l0", w_i.T),
+        ("weight_hh_l0", w_h.T),
+        ("bias_ih_l0", b_i),
+        ("bias_hh_l0", b_h),
+      ):
+        getattr(module, name).copy_(torch.tensor(np.array(value)))
+    tx = torch.tensor(np.array(x), requires_grad=True)
+    y, h_n = module(tx, torch.tensor(np.array(h))[None])
+    (y.sum() + (2 * h_n).sum()).backward()
+
+    def loss(x, w_i, w_h, b_i, b_h):
+      h_n, y = _gru_through_onednn(x, w_i, w_h, b_i, b_h, h)
+      return jnp.sum(y) + jnp.sum(2 * h_n), (y, h_n)
+
+    (_, values), grads = jax.jit(
+      jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    )(x, w_i, w_h, b_i, b_h)
+    expected = (
+      (y, h_n[0]),
+      (
+        tx.grad,
+        module.weight_ih_l0.grad.T,
+        module.weight_hh_l0.grad.T,
+        module.bias_ih_l0.grad,
+        module.bias_hh_l0.grad,
+      ),
+    )
+    _assert_close(
+      (values, grads), jax.tree.map(lambda t: t.detach().numpy(), expected)
+    )
 
   def test_inference_without_jit_matches_the_step_loop(self):
     args = _make(5, 3, 4, 6)
     _assert_close(_through_onednn(*args), _through_steps(*args))
 
-  def test_rnn_module_matches_the_step_path(self):
-    """``RNN`` and ``Bidirectional`` without lengths: the default vs fused=False."""
+  @parameterized.parameters("lstm", "gru")
+  def test_rnn_module_matches_the_step_path(self, kind):
+    """``Bidirectional`` without lengths: the default vs ``fused=False``."""
     x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 7, 4)), "float32")
 
     def build(fused_kernels):
       def forward(x):
         def layer(reverse):
-          return hk_rnn.RNN(
-            hk_rnn.LSTMCell(6), reverse=reverse, fused=fused_kernels
-          )
+          cell = test_utils.CELLS[kind](6)
+          return hk_rnn.RNN(cell, reverse=reverse, fused=fused_kernels)
 
         return hk_rnn.Bidirectional(layer(False), layer(True))(x)
 
@@ -171,11 +325,13 @@ class ValuesAndGradientsTest(_Switch):
         jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(apply(p, x))
       )
 
-    actual = jax.jit(jax.value_and_grad(loss(model.apply), (0, 1)))(params, x)
-    expected = jax.jit(jax.value_and_grad(loss(reference.apply), (0, 1)))(
-      params, x
-    )
-    _assert_close(actual, expected)
+    for training in (False, True):
+      onednn.set_enabled(training=training)
+      actual = jax.jit(jax.value_and_grad(loss(model.apply), (0, 1)))(params, x)
+      expected = jax.jit(jax.value_and_grad(loss(reference.apply), (0, 1)))(
+        params, x
+      )
+      _assert_close(actual, expected)
 
 
 @_SKIP
@@ -191,11 +347,27 @@ class DispatchTest(_Switch):
 
   def test_plain_float32_calls_run_onednn(self):
     self.assertTrue(_runs_onednn(self._lstm_sequence(), *self.args))
+    gru_args = _make_gru(4, 2, 3, 5)
+    self.assertTrue(_runs_onednn(lambda *a: fused.gru_sequence(*a), *gru_args))
     self.assertTrue(
       _runs_onednn(
         jax.grad(lambda *a: jnp.sum(_through_onednn(*a)[1])), *self.args
       )
     )
+
+  def test_training_runs_the_fused_vjp_unless_switched(self):
+    def gradient(*args):
+      return jax.grad(lambda *a: jnp.sum(fused.lstm_sequence(*a)[1]))(*args)
+
+    backward = "hk_rnn_lstm_backward"
+    self.assertFalse(_runs_onednn(gradient, *self.args, target="hk_rnn_"))
+    onednn.set_enabled(training=True)
+    self.assertTrue(_runs_onednn(gradient, *self.args, target=backward))
+    onednn.set_enabled()
+    os.environ[onednn.TRAINING_VARIABLE] = "1"
+    self.assertTrue(_runs_onednn(gradient, *self.args, target=backward))
+    onednn.set_enabled(training=False)
+    self.assertFalse(_runs_onednn(gradient, *self.args, target=backward))
 
   @parameterized.named_parameters(
     ("valid", {"valid": np.ones((4, 2), bool)}),
@@ -241,6 +413,8 @@ class DispatchTest(_Switch):
   def test_bad_switch_values_raise(self):
     with self.assertRaisesRegex(ValueError, "set_enabled: enabled must be"):
       onednn.set_enabled("yes")
+    with self.assertRaisesRegex(ValueError, "set_enabled: training must be"):
+      onednn.set_enabled(training=1)
     os.environ[onednn.ENVIRONMENT_VARIABLE] = "maybe"
     with self.assertRaisesRegex(ValueError, "HK_RNN_ONEDNN must be"):
       fused.lstm_sequence(*self.args)

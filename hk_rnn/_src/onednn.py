@@ -47,9 +47,12 @@ True
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,53 +62,77 @@ from absl import logging
 Array = jax.Array
 
 ENVIRONMENT_VARIABLE = "HK_RNN_ONEDNN"
+TRAINING_VARIABLE = "HK_RNN_ONEDNN_TRAINING"
 _LIBRARY_STEM = "_onednn_lstm"
 _TARGETS = {
-  "hk_rnn_lstm_inference": "HkRnnLstmInference",
-  "hk_rnn_lstm_forward": "HkRnnLstmForward",
-  "hk_rnn_lstm_backward": "HkRnnLstmBackward",
+  f"hk_rnn_{cell}_{stage}": f"HkRnn{cell.capitalize()}{stage.capitalize()}"
+  for cell in ("lstm", "gru")
+  for stage in ("inference", "forward", "backward")
 }
+_KINDS = {"lstm": 0, "gru": 1}
 
 _lock = threading.Lock()
 _override: bool | None = None
+_training_override: bool | None = None
 # The loaded library, or the reason it could not be loaded (a string);
 # None before the first attempt.
 _library: ctypes.CDLL | str | None = None
-_workspace_bytes: dict[tuple[int, int, int, int], int] = {}
+_workspace_bytes: dict[tuple[str, int, int, int, int], int] = {}
 
 
-def set_enabled(enabled: bool | None) -> None:
-  """Forces the oneDNN path on (True) or off (False); None: back to default.
+def set_enabled(
+  enabled: bool | None = None, *, training: bool | None = None
+) -> None:
+  """Sets the switch from Python; None: back to the environment variables.
 
-  The default is the ``HK_RNN_ONEDNN`` environment variable (see the module
-  docstring). Applies to functions traced afterwards.
+  Applies to functions traced afterwards, and takes precedence over
+  ``HK_RNN_ONEDNN`` and ``HK_RNN_ONEDNN_TRAINING`` (see the module
+  docstring).
 
   Args:
-    enabled: True, False or None.
+    enabled: True: always where supported (raising if the extension cannot
+      be loaded); False: never; None: ``HK_RNN_ONEDNN``.
+    training: True: differentiated calls run oneDNN's training primitives;
+      False: they run the fused JAX kernels' VJP; None:
+      ``HK_RNN_ONEDNN_TRAINING``.
   """
-  global _override
-  if enabled not in (True, False, None):
-    raise ValueError(
-      f"onednn.set_enabled: enabled must be True, False or None, got "
-      f"{enabled!r}"
-    )
-  _override = enabled
+  global _override, _training_override
+  for name, value in (("enabled", enabled), ("training", training)):
+    if not any(value is allowed for allowed in (True, False, None)):
+      raise ValueError(
+        f"onednn.set_enabled: {name} must be True, False or None, got {value!r}"
+      )
+  _override, _training_override = enabled, training
 
 
-def _mode() -> str:
-  """``"on"``, ``"off"`` or ``"auto"``."""
-  if _override is not None:
-    return "on" if _override else "off"
-  value = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower()
+def _flag(variable: str, default: str) -> str:
+  """``"on"``, ``"off"`` or ``"auto"`` from an environment variable."""
+  value = os.environ.get(variable, default).strip().lower()
   if value in ("0", "off", "false", "no"):
     return "off"
   if value in ("1", "on", "true", "yes"):
     return "on"
   if value in ("", "auto"):
     return "auto"
-  raise ValueError(
-    f"{ENVIRONMENT_VARIABLE} must be 0, 1 or auto, got {value!r}"
-  )
+  raise ValueError(f"{variable} must be 0, 1 or auto, got {value!r}")
+
+
+def _mode() -> str:
+  """``"on"``, ``"off"`` or ``"auto"``."""
+  if _override is not None:
+    return "on" if _override else "off"
+  return _flag(ENVIRONMENT_VARIABLE, "auto")
+
+
+def trains_with_onednn() -> bool:
+  """Whether differentiated calls run oneDNN's backward primitive.
+
+  False by default: on the project's machine the fused kernels' backward
+  pass was faster (docs/performance.md).
+  """
+  if _training_override is not None:
+    return _training_override
+  return _flag(TRAINING_VARIABLE, "0") == "on"
 
 
 def library_path() -> str | None:
@@ -134,11 +161,15 @@ def _load() -> ctypes.CDLL:
     ctypes.c_char_p,
     ctypes.c_size_t,
   ]
-  library.hk_rnn_lstm_prepare.restype = ctypes.c_int64
-  library.hk_rnn_lstm_prepare.argtypes = [ctypes.c_int64] * 4 + [
-    ctypes.c_char_p,
-    ctypes.c_size_t,
-  ]
+  library.hk_rnn_prepare.restype = ctypes.c_int64
+  library.hk_rnn_prepare.argtypes = (
+    [ctypes.c_int]
+    + [ctypes.c_int64] * 4
+    + [
+      ctypes.c_char_p,
+      ctypes.c_size_t,
+    ]
+  )
   version = ctypes.create_string_buffer(32)
   error = ctypes.create_string_buffer(1024)
   if library.hk_rnn_onednn_check(version, 32, error, 1024) != 0:
@@ -151,7 +182,9 @@ def _load() -> ctypes.CDLL:
       target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
     )
   logging.info(
-    "hk_rnn: LSTMs on CPU run oneDNN %s (%s)", version.value.decode(), path
+    "hk_rnn: LSTMs and GRUs on CPU run oneDNN %s (%s)",
+    version.value.decode(),
+    path,
   )
   return library
 
@@ -189,27 +222,41 @@ def available() -> bool:
   return _get_library() is not None
 
 
-def _prepare(shape: tuple[int, int, int, int]) -> int | None:
-  """Builds the primitives of ``(T, B, D, F)``; the workspace bytes or None."""
+def _prepare(key: tuple[str, int, int, int, int]) -> int | None:
+  """Builds the primitives of ``(cell, T, B, D, F)``; workspace bytes or None."""
   with _lock:
-    if shape in _workspace_bytes:
-      return _workspace_bytes[shape]
+    if key in _workspace_bytes:
+      return _workspace_bytes[key]
   library = _get_library()
   if library is None:
     return None
   error = ctypes.create_string_buffer(1024)
-  size = library.hk_rnn_lstm_prepare(*shape, error, 1024)
+  cell, *shape = key
+  size = library.hk_rnn_prepare(_KINDS[cell], *shape, error, 1024)
   if size < 0:
     logging.warning(
-      "hk_rnn: oneDNN cannot build an LSTM of (T, B, D, F) = %s, using the "
+      "hk_rnn: oneDNN cannot build a %s of (T, B, D, F) = %s, using the "
       "fused JAX kernels (%s)",
-      shape,
+      cell,
+      tuple(shape),
       error.value.decode(),
     )
     return None
   with _lock:
-    _workspace_bytes[shape] = int(size)
+    _workspace_bytes[key] = int(size)
   return int(size)
+
+
+def _supports(cell, inputs, w_h, arrays) -> bool:
+  if _mode() == "off" or jax.default_backend() != "cpu":
+    return False
+  if any(jnp.dtype(a.dtype) != jnp.float32 for a in (inputs, w_h, *arrays)):
+    return False
+  steps, batch, input_size = inputs.shape
+  features = w_h.shape[0]
+  if 0 in (steps, batch, input_size, features):
+    return False
+  return _prepare((cell, steps, batch, input_size, features)) is not None
 
 
 def supports(
@@ -232,79 +279,137 @@ def supports(
     b: ``(4F,)``.
     initial_carry: ``(c, h)``, each ``(B, F)``.
   """
-  if _mode() == "off" or jax.default_backend() != "cpu":
-    return False
-  arrays = (inputs, w_i, w_h, b, *initial_carry)
-  if any(jnp.dtype(a.dtype) != jnp.float32 for a in arrays):
-    return False
-  steps, batch, input_size = inputs.shape
-  features = w_h.shape[0]
-  if 0 in (steps, batch, input_size, features):
-    return False
-  return _prepare((steps, batch, input_size, features)) is not None
+  return _supports("lstm", inputs, w_h, (w_i, b, *initial_carry))
+
+
+def supports_gru(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b_i: Array,
+  b_h: Array,
+  initial_carry: Array,
+) -> bool:
+  """Whether :func:`gru` will run this call; as :func:`supports`.
+
+  Args:
+    inputs: ``(T, B, D)``.
+    w_i: ``(D, 3F)``.
+    w_h: ``(F, 3F)``.
+    b_i: ``(3F,)``.
+    b_h: ``(3F,)``.
+    initial_carry: ``h``, ``(B, F)``.
+  """
+  return _supports("gru", inputs, w_h, (w_i, b_i, b_h, initial_carry))
 
 
 def _call(target, results, *args):
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args)
 
 
-def _structs(inputs, w_h):
+def _carries(cell, batch, features):
+  carry = jax.ShapeDtypeStruct((batch, features), jnp.float32)
+  return (carry, carry) if cell == "lstm" else (carry,)
+
+
+def _results(cell, inputs, w_h):
   steps, batch, _ = inputs.shape
   features = w_h.shape[0]
-  f32 = jnp.float32
-  outputs = jax.ShapeDtypeStruct((steps, batch, features), f32)
-  carry = jax.ShapeDtypeStruct((batch, features), f32)
-  return outputs, carry
+  outputs = jax.ShapeDtypeStruct((steps, batch, features), jnp.float32)
+  return (outputs, *_carries(cell, batch, features))
 
 
-@jax.custom_vjp
-def _lstm(inputs, w_i, w_h, b, c, h):
-  outputs, carry = _structs(inputs, w_h)
-  y, c_n, h_n = _call(
-    "hk_rnn_lstm_inference",
-    (outputs, carry, carry),
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _run(cell, inputs, w_i, w_h, b, *carry):
+  """``(y, *final_carry)`` of one cell in oneDNN's layouts; no workspace."""
+  return _call(
+    f"hk_rnn_{cell}_inference",
+    _results(cell, inputs, w_h),
     inputs,
     w_i,
     w_h,
     b,
-    c,
-    h,
+    *carry,
   )
+
+
+def _run_forward(cell, inputs, w_i, w_h, b, *carry):
+  steps, batch, input_size = inputs.shape
+  size = _prepare((cell, steps, batch, input_size, w_h.shape[0]))
+  workspace = jax.ShapeDtypeStruct((size,), np.uint8)
+  *results, space = _call(
+    f"hk_rnn_{cell}_forward",
+    (*_results(cell, inputs, w_h), workspace),
+    inputs,
+    w_i,
+    w_h,
+    b,
+    *carry,
+  )
+  return tuple(results), (inputs, w_i, w_h, b, *carry, *results, space)
+
+
+def _run_backward(cell, saved, cotangents):
+  d_y, *d_carry = cotangents
+  arguments = saved[: 4 + len(d_carry)]
+  gradients = tuple(
+    jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in arguments
+  )
+  return tuple(
+    _call(f"hk_rnn_{cell}_backward", gradients, *saved, d_y, *d_carry)
+  )
+
+
+_run.defvjp(_run_forward, _run_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _inference_only(through_onednn, differentiable, *args):
+  """``through_onednn(*args)``; under autodiff, ``differentiable``'s VJP.
+
+  Both compute the same function (``differentiable`` is the fused JAX
+  kernel): oneDNN's inference primitive runs the primal, the fused kernel
+  runs the forward pass that saves residuals and the backward pass.
+  """
+  del differentiable
+  return through_onednn(*args)
+
+
+def _inference_only_forward(through_onednn, differentiable, *args):
+  del through_onednn
+  return jax.vjp(differentiable, *args)
+
+
+def _inference_only_backward(through_onednn, differentiable, pullback, ct):
+  del through_onednn, differentiable
+  return pullback(ct)
+
+
+_inference_only.defvjp(_inference_only_forward, _inference_only_backward)
+
+
+def _lstm(inputs, w_i, w_h, b, initial_carry):
+  c, h = initial_carry
+  y, c_n, h_n = _run("lstm", inputs, w_i, w_h, b, c, h)
   return (c_n, h_n), y
 
 
-def _lstm_forward(inputs, w_i, w_h, b, c, h):
-  outputs, carry = _structs(inputs, w_h)
-  steps, batch, input_size = inputs.shape
-  size = _prepare((steps, batch, input_size, w_h.shape[0]))
-  workspace = jax.ShapeDtypeStruct((size,), np.uint8)
-  y, c_n, h_n, space = _call(
-    "hk_rnn_lstm_forward",
-    (outputs, carry, carry, workspace),
-    inputs,
-    w_i,
-    w_h,
-    b,
-    c,
-    h,
-  )
-  saved = (inputs, w_i, w_h, b, c, h, y, c_n, h_n, space)
-  return ((c_n, h_n), y), saved
+def _gru(inputs, w_i, w_h, b_i, b_h, initial_carry):
+  def swap(w):
+    r, z, n = jnp.split(w, 3, axis=-1)
+    return jnp.concatenate([z, r, n], axis=-1)
+
+  i_r, i_z, i_n = jnp.split(b_i, 3)
+  h_r, h_z, h_n = jnp.split(b_h, 3)
+  bias = jnp.concatenate([i_z + h_z, i_r + h_r, i_n, h_n])
+  y, h = _run("gru", inputs, swap(w_i), swap(w_h), bias, initial_carry)
+  return h, y
 
 
-def _lstm_backward(saved, cotangents):
-  (d_c_n, d_h_n), d_y = cotangents
-  inputs, w_i, w_h, b, c, h = saved[:6]
-  results = tuple(
-    jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    for a in (inputs, w_i, w_h, b, c, h)
-  )
-  return tuple(
-    _call("hk_rnn_lstm_backward", results, *saved, d_y, d_c_n, d_h_n)
-  )
-
-
-_lstm.defvjp(_lstm_forward, _lstm_backward)
+def _dispatch(through_onednn, fused_kernel, *args):
+  if fused_kernel is None or trains_with_onednn():
+    return through_onednn(*args)
+  return _inference_only(through_onednn, fused_kernel, *args)
 
 
 def lstm(
@@ -313,10 +418,13 @@ def lstm(
   w_h: Array,
   b: Array,
   initial_carry: tuple[Array, Array],
+  *,
+  fused_kernel: Callable[..., Any] | None = None,
 ) -> tuple[tuple[Array, Array], Array]:
   """An unmasked float32 LSTM sequence through oneDNN (see the module doc).
 
-  Call only where :func:`supports` says True.
+  Call only where :func:`supports` says True. hk_rnn's layouts are
+  oneDNN's: nothing is copied on the way in or out.
 
   Args:
     inputs: ``(T, B, D)``, time-major.
@@ -324,10 +432,49 @@ def lstm(
     w_h: ``(F, 4F)``.
     b: ``(4F,)``.
     initial_carry: ``(c, h)``, each ``(B, F)``.
+    fused_kernel: the same function of the same arguments in JAX; under
+      differentiation its VJP runs instead of oneDNN's training primitives
+      unless :func:`trains_with_onednn`. None: always oneDNN's.
 
   Returns:
     ``((c, h), outputs)``: the final carry and the ``(T, B, F)`` outputs, as
     :func:`hk_rnn._src.fused.lstm_sequence`.
   """
-  c, h = initial_carry
-  return _lstm(inputs, w_i, w_h, b, c, h)
+  return _dispatch(
+    _lstm, fused_kernel, inputs, w_i, w_h, b, tuple(initial_carry)
+  )
+
+
+def gru(
+  inputs: Array,
+  w_i: Array,
+  w_h: Array,
+  b_i: Array,
+  b_h: Array,
+  initial_carry: Array,
+  *,
+  fused_kernel: Callable[..., Any] | None = None,
+) -> tuple[Array, Array]:
+  r"""An unmasked float32 GRU sequence through oneDNN's linear-before-reset GRU.
+
+  hk_rnn's GRU (gate blocks r, z, n; :func:`hk_rnn._src.fused.gru_sequence`)
+  is oneDNN's ``lbr_gru`` with blocks u = z, r, c~ = n and the four biases
+  ``[b_iz + b_hz, b_ir + b_hr, b_in, b_hn]``: the weights' first two
+  blocks swap places on the way in (their gradients on the way back).
+  Call only where :func:`supports_gru` says True.
+
+  Args:
+    inputs: ``(T, B, D)``, time-major.
+    w_i: ``(D, 3F)``, gate blocks r, z, n.
+    w_h: ``(F, 3F)``.
+    b_i: ``(3F,)``.
+    b_h: ``(3F,)``.
+    initial_carry: ``h``, ``(B, F)``.
+    fused_kernel: as for :func:`lstm`.
+
+  Returns:
+    ``(h, outputs)``, as :func:`hk_rnn._src.fused.gru_sequence`.
+  """
+  return _dispatch(
+    _gru, fused_kernel, inputs, w_i, w_h, b_i, b_h, initial_carry
+  )
