@@ -1,8 +1,9 @@
 r"""Times recurrent training steps of hk_rnn and its peers side by side.
 
 Every contender installed (hk_rnn with its fused kernels, which on CPU run
-an unmasked LSTM through oneDNN where the optional extension is built, and
-without that extension, ``hk_rnn_no_onednn``; hk_rnn with ``fused=False``,
+an unmasked LSTM or GRU through oneDNN where the optional extension is
+built, without that extension, ``hk_rnn_no_onednn``, and through oneDNN's
+training primitives too, ``hk_rnn_onednn_training``; hk_rnn with ``fused=False``,
 a plain ``hk.scan`` of the cell; in masked cases also
 hk_rnn given no lengths, the cost of masking; Flax ``nn.RNN`` with
 ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell`` or ``MGUCell``; Haiku
@@ -181,16 +182,21 @@ def _haiku_model(build):
   )
 
 
-def _hk_rnn(use_fused: bool, masked: bool = True, onednn: bool | None = None):
+def _hk_rnn(
+  use_fused: bool,
+  masked: bool = True,
+  onednn: bool | None = None,
+  onednn_training: bool | None = None,
+):
   """hk_rnn through its public API, fused kernels on or off.
 
   With ``masked=False`` the contender exists only for masked cases and runs
   the same model without the lengths: the cost of masking, timed in the
-  same rounds. ``onednn=False`` turns the optional oneDNN extension off
-  (``hk_rnn._src.onednn.set_enabled``) while the step is traced; that
-  contender exists only where the extension is built and would run the
-  case (an unmasked LSTM), so that it times today's fused JAX kernels
-  beside the default.
+  same rounds. ``onednn`` and ``onednn_training`` set the optional oneDNN
+  extension's switch (``hk_rnn._src.onednn.set_enabled``) while the step is
+  traced; contenders that set them exist only where the extension is built
+  and would run the case (an unmasked LSTM or GRU; a training step for
+  ``onednn_training``), beside the default.
   """
 
   def runner(case: Case, inputs, lengths) -> Runner | None:
@@ -201,8 +207,12 @@ def _hk_rnn(use_fused: bool, masked: bool = True, onednn: bool | None = None):
       if not case.masked:
         return None
       case = dataclasses.replace(case, masked=False)
-    if onednn is False and (
-      case.cell != "lstm" or case.masked or not onednn_module.available()
+    switched = onednn is not None or onednn_training is not None
+    if switched and (
+      case.cell not in ("lstm", "gru")
+      or case.masked
+      or (onednn_training is not None and not case.training)
+      or not onednn_module.available()
     ):
       return None
     cell_class = {
@@ -220,7 +230,7 @@ def _hk_rnn(use_fused: bool, masked: bool = True, onednn: bool | None = None):
         module = hk_rnn.Bidirectional(module, layer())
       return module(x, seq_lengths=n if case.masked else None)
 
-    onednn_module.set_enabled(onednn)
+    onednn_module.set_enabled(onednn, training=onednn_training)
     try:
       return _jax_runner(case, *_haiku_model(build), inputs, lengths)
     finally:
@@ -410,6 +420,9 @@ CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
   "hk_rnn": ("hk_rnn", _hk_rnn(True)),
   # The same with the extension off: the fused JAX kernels alone.
   "hk_rnn_no_onednn": ("hk_rnn", _hk_rnn(True, onednn=False)),
+  # Training steps through oneDNN's backward primitive (the default runs
+  # oneDNN for values only and the fused kernels' VJP under autodiff).
+  "hk_rnn_onednn_training": ("hk_rnn", _hk_rnn(True, onednn_training=True)),
   # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
   "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
   # Masked cases only: the same model given no lengths.

@@ -369,6 +369,20 @@ class DispatchTest(_Switch):
     onednn.set_enabled(training=False)
     self.assertFalse(_runs_onednn(gradient, *self.args, target=backward))
 
+  def test_second_derivatives_by_default(self):
+    """The default's VJP is the fused kernel's, itself differentiable."""
+
+    def second(w_h):
+      def inner(w_h):
+        x, w_i, _, b, carry = self.args
+        return jnp.sum(fused.lstm_sequence(x, w_i, w_h, b, carry)[1] ** 2)
+
+      return jnp.sum(jax.grad(inner)(w_h) ** 2)
+
+    on = jax.grad(lambda w: second(w))(self.args[2])
+    onednn.set_enabled(False)
+    _assert_close(on, jax.grad(lambda w: second(w))(self.args[2]))
+
   @parameterized.named_parameters(
     ("valid", {"valid": np.ones((4, 2), bool)}),
     ("reset", {"reset": np.zeros((4, 2), bool)}),

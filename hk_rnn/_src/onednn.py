@@ -1,16 +1,17 @@
-r"""oneDNN's fused LSTM on CPU, through an optional compiled extension.
+r"""oneDNN's fused LSTM and GRU on CPU, through an optional compiled extension.
 
-:func:`hk_rnn._src.fused.lstm_sequence` hands a plain LSTM sequence to
-oneDNN's RNN primitive (the one PyTorch's ``nn.LSTM`` runs on CPU) when the
+:func:`hk_rnn._src.fused.lstm_sequence` and
+:func:`~hk_rnn._src.fused.gru_sequence` hand a sequence to oneDNN's RNN
+primitives (those PyTorch's ``nn.LSTM`` and ``nn.GRU`` run on CPU) when the
 extension ``_onednn_lstm`` is built next to this file, the default backend
 is the CPU, and the call is one oneDNN computes exactly:
 
 * every step valid and no packed rows (``valid`` and ``reset`` None), no
   recurrent dropout mask;
-* float32 inputs, weights, bias and initial carry.
+* float32 inputs, weights, biases and initial carry.
 
-Anything else runs the fused JAX kernels, with the same numbers. The
-primitive computes, for each step ``t`` (gate blocks i, f, g, o),
+Anything else runs the fused JAX kernels, with the same numbers. For the
+LSTM (gate blocks i, f, g, o) the primitive computes, at each step,
 
 .. math::
 
@@ -18,30 +19,45 @@ primitive computes, for each step ``t`` (gate blocks i, f, g, o),
     c' &= \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad
     h' = \sigma(z_o) \tanh(c')
 
-A forward pass without gradients runs the primitive for inference; under
-differentiation the forward pass also fills oneDNN's workspace, and the
-backward pass is oneDNN's backward primitive. ``jax.vmap`` runs the calls
-one batch element after another (``vmap_method="sequential"``).
+and for the GRU oneDNN's linear-before-reset GRU, hk_rnn's (and PyTorch's)
+convention (see :func:`gru`).
+
+Without differentiation, oneDNN's inference primitive runs the sequence.
+Under differentiation the default is the fused JAX kernels' forward and
+backward passes, which measured faster than oneDNN 3.2's backward primitive
+on the project's machine; ``HK_RNN_ONEDNN_TRAINING=1`` (or
+``set_enabled(training=True)``) runs oneDNN's training forward pass, with its
+workspace, and its backward primitive instead. ``jax.vmap`` runs the oneDNN
+calls one batch element after another (``vmap_method="sequential"``).
+Second derivatives work on the default path (the fused kernels' VJP is
+differentiable), not through oneDNN's backward primitive.
 
 The switch: the environment variable ``HK_RNN_ONEDNN`` (``0``: never,
 ``1``: always where supported, raising if the extension cannot be loaded;
 unset or ``auto``: when it loads), or :func:`set_enabled` from Python, which
-takes precedence. Either is read when a function is traced: functions
+takes precedence. Both are read when a function is traced: functions
 ``jax.jit`` has already compiled keep the path they were traced with.
+
+oneDNN's OpenMP threads, like PyTorch's, slow down many times over when
+other processes keep the cores busy; on a shared machine, ``HK_RNN_ONEDNN=0``
+or ``OMP_NUM_THREADS=1`` (see docs/performance.md).
 
 Building the extension needs a C++17 compiler and the pip packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` (``pip install
--e ".[onednn]"``, then ``python setup.py build_ext --inplace``); see
-``docs/performance.md``. Without it this module only logs one line, once,
-and ``lstm_sequence`` runs the fused JAX kernels.
+-e ".[onednn]"``, then ``python setup.py build_ext --inplace``). Without it
+this module logs one line, once, and the kernels run in JAX.
 
 >>> import jax.numpy as jnp
 >>> from hk_rnn._src import onednn
 >>> x = jnp.ones((5, 2, 3))
 >>> w_i, w_h, b = jnp.ones((3, 16)), jnp.ones((4, 16)), jnp.zeros(16)
 >>> carry = (jnp.zeros((2, 4)), jnp.zeros((2, 4)))
->>> isinstance(onednn.supports(x, w_i, w_h, b, carry), bool)
-True
+>>> if onednn.supports(x, w_i, w_h, b, carry):
+...   (c, h), outputs = onednn.lstm(x, w_i, w_h, b, carry)
+... else:
+...   (c, h), outputs = carry, jnp.zeros((5, 2, 4))
+>>> outputs.shape
+(5, 2, 4)
 """
 
 from __future__ import annotations
