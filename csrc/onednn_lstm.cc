@@ -1,6 +1,7 @@
-// oneDNN's LSTM primitive as XLA FFI custom calls, for hk_rnn on CPU.
+// oneDNN's LSTM and GRU primitives as XLA FFI custom calls, for hk_rnn on
+// CPU.
 //
-// hk_rnn/_src/onednn.py loads this library with ctypes and registers three
+// hk_rnn/_src/onednn.py loads this library with ctypes and registers six
 // handlers with XLA (platform "cpu"):
 //
 //   hk_rnn_lstm_inference(x, w_i, w_h, b, c_0, h_0) -> (y, c_n, h_n)
@@ -8,13 +9,19 @@
 //   hk_rnn_lstm_backward(x, w_i, w_h, b, c_0, h_0, y, c_n, h_n, workspace,
 //                        d_y, d_c_n, d_h_n)
 //       -> (d_x, d_w_i, d_w_h, d_b, d_c_0, d_h_0)
+//   hk_rnn_gru_inference, hk_rnn_gru_forward, hk_rnn_gru_backward: the same
+//       without c_0, c_n and their cotangents.
 //
-// all float32, time-major: x (T, B, D), w_i (D, 4F), w_h (F, 4F), b (4F,),
-// carries (B, F), y (T, B, F), gate blocks i, f, g, o. These are oneDNN's
-// own layouts with one layer and one direction: x is `tnc`, w_i and w_h are
-// `ldigo`, b is `ldgo`, the carries `ldnc`. The weights are reordered into
+// all float32, time-major: x (T, B, D), w_i (D, G F), w_h (F, G F), carries
+// (B, F), y (T, B, F). These are oneDNN's own layouts with one layer and
+// one direction: x is `tnc`, w_i and w_h are `ldigo`, the bias `ldgo`, the
+// carries `ldnc`. The LSTM's gate blocks are i, f, g, o and its bias b
+// (4F,), hk_rnn's own; the GRU is oneDNN's linear-before-reset GRU, blocks
+// u, r, c~ and a bias of four blocks (u, r, c~, c~'s recurrent bias), which
+// the Python side maps hk_rnn's GRU onto. The weights are reordered into
 // the primitive's preferred layout on each call (a fraction of a
 // millisecond), so the primitive keeps them packed for the whole sequence.
+// Primitives are built once per shape and cached.
 //
 // What cost time to find out, and the code relies on:
 // * The scratchpad is the caller's (scratchpad_mode::user): oneDNN's own is

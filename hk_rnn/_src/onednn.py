@@ -205,11 +205,8 @@ def _load() -> ctypes.CDLL:
   return library
 
 
-def _get_library() -> ctypes.CDLL | None:
-  """The library, loading it on first use; None (logged once) if it fails.
-
-  In ``"on"`` mode a failure raises instead.
-  """
+def _load_once() -> ctypes.CDLL | str:
+  """The library, or why it cannot be used; tried once, logged once."""
   global _library
   with _lock:
     if _library is None:
@@ -219,10 +216,16 @@ def _get_library() -> ctypes.CDLL | None:
         _library = f"{type(error).__name__}: {error}"
         log = logging.info if library_path() is None else logging.warning
         log(
-          "hk_rnn: oneDNN LSTM unavailable, using the fused JAX kernels (%s)",
+          "hk_rnn: the oneDNN extension is unavailable, using the fused JAX "
+          "kernels (%s)",
           _library,
         )
-    library = _library
+    return _library
+
+
+def _get_library() -> ctypes.CDLL | None:
+  """The library, or None; in ``"on"`` mode a failure raises instead."""
+  library = _load_once()
   if isinstance(library, str):
     if _mode() == "on":
       raise RuntimeError(
@@ -235,7 +238,7 @@ def _get_library() -> ctypes.CDLL | None:
 
 def available() -> bool:
   """Whether the extension is built and loads (ignores the switch)."""
-  return _get_library() is not None
+  return not isinstance(_load_once(), str)
 
 
 def _prepare(key: tuple[str, int, int, int, int]) -> int | None:
