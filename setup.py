@@ -65,6 +65,7 @@ def _onednn_extensions():
         "-O2",
         "-g0",
         "-fvisibility=hidden",
+        "-fopenmp",
         f"-isystem{ffi_include}",
         f"-isystem{include}",
       ],
@@ -72,7 +73,7 @@ def _onednn_extensions():
       libraries=["dnnl"],
       # The wheel puts libdnnl.so.3 in the environment's lib folder, which
       # the dynamic loader does not search by default.
-      extra_link_args=[f"-Wl,-rpath,{library}", "-s"],
+      extra_link_args=[f"-Wl,-rpath,{library}", "-s", "-fopenmp"],
     )
   ]
 

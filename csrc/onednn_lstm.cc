@@ -48,6 +48,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include <omp.h>
+
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -289,6 +291,26 @@ struct Backward {
   size_t bias_bytes;
 };
 
+// At most ``threads`` OpenMP threads for oneDNN's parallel regions started
+// from this thread while it lives (0: leave OpenMP's setting). The setting
+// is per thread in OpenMP, and restored: other work that runs on the same
+// thread (XLA may run the call on the caller's) keeps its own.
+class ThreadLimit {
+ public:
+  explicit ThreadLimit(int32_t threads) {
+    if (threads > 0 && threads < omp_get_max_threads()) {
+      previous_ = omp_get_max_threads();
+      omp_set_num_threads(threads);
+    }
+  }
+  ~ThreadLimit() {
+    if (previous_ > 0) omp_set_num_threads(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+};
+
 void RunForward(const Shape& shape, const Forward& a) {
   const dnnl::rnn_primitive_desc_base* pd;
   const dnnl::primitive* primitive;
@@ -403,9 +425,11 @@ using In = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
 using Bytes = ffi::ResultBuffer<ffi::U8>;
 
-ffi::Error LstmInference(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
+ffi::Error LstmInference(In x, In w_i, In w_h, In b, In c_0, In h_0,
+                         int32_t threads, Out y,
                          Out c_n, Out h_n) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     RunForward(ShapeOf(Kind::kLstm, x, w_h),
                {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
                 b.typed_data(), c_0.typed_data(), h_0.typed_data(),
@@ -414,9 +438,11 @@ ffi::Error LstmInference(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
   });
 }
 
-ffi::Error LstmForward(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
+ffi::Error LstmForward(In x, In w_i, In w_h, In b, In c_0, In h_0,
+                       int32_t threads, Out y,
                        Out c_n, Out h_n, Bytes workspace) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     Shape shape = ShapeOf(Kind::kLstm, x, w_h);
     CheckWorkspace(shape, workspace->size_bytes());
     RunForward(shape, {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
@@ -428,9 +454,11 @@ ffi::Error LstmForward(In x, In w_i, In w_h, In b, In c_0, In h_0, Out y,
 
 ffi::Error LstmBackward(In x, In w_i, In w_h, In b, In c_0, In h_0, In y,
                         In c_n, In h_n, ffi::Buffer<ffi::U8> workspace,
-                        In d_y, In d_c_n, In d_h_n, Out d_x, Out d_w_i,
+                        In d_y, In d_c_n, In d_h_n, int32_t threads,
+                        Out d_x, Out d_w_i,
                         Out d_w_h, Out d_b, Out d_c_0, Out d_h_0) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     Forward forward{x.typed_data(),   w_i.typed_data(), w_h.typed_data(),
                     b.typed_data(),   c_0.typed_data(), h_0.typed_data(),
                     y.typed_data(),   c_n.typed_data(), h_n.typed_data(),
@@ -447,8 +475,10 @@ ffi::Error LstmBackward(In x, In w_i, In w_h, In b, In c_0, In h_0, In y,
 // recurrent bias) and its weights in blocks u, r, c~; the Python side maps
 // hk_rnn's r, z, n blocks and two biases onto these.
 
-ffi::Error GruInference(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n) {
+ffi::Error GruInference(In x, In w_i, In w_h, In b, In h_0, int32_t threads,
+                        Out y, Out h_n) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     RunForward(ShapeOf(Kind::kGru, x, w_h),
                {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
                 b.typed_data(), nullptr, h_0.typed_data(), y->typed_data(),
@@ -456,9 +486,11 @@ ffi::Error GruInference(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n) {
   });
 }
 
-ffi::Error GruForward(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n,
+ffi::Error GruForward(In x, In w_i, In w_h, In b, In h_0, int32_t threads,
+                      Out y, Out h_n,
                       Bytes workspace) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     Shape shape = ShapeOf(Kind::kGru, x, w_h);
     CheckWorkspace(shape, workspace->size_bytes());
     RunForward(shape, {x.typed_data(), w_i.typed_data(), w_h.typed_data(),
@@ -470,8 +502,10 @@ ffi::Error GruForward(In x, In w_i, In w_h, In b, In h_0, Out y, Out h_n,
 
 ffi::Error GruBackward(In x, In w_i, In w_h, In b, In h_0, In y, In h_n,
                        ffi::Buffer<ffi::U8> workspace, In d_y, In d_h_n,
+                       int32_t threads,
                        Out d_x, Out d_w_i, Out d_w_h, Out d_b, Out d_h_0) {
   return Guarded([&] {
+    ThreadLimit limit(threads);
     Forward forward{x.typed_data(), w_i.typed_data(), w_h.typed_data(),
                     b.typed_data(), nullptr,          h_0.typed_data(),
                     y.typed_data(), nullptr,          h_n.typed_data(),
@@ -505,6 +539,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<In>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>());
@@ -518,6 +553,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<In>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
@@ -539,6 +575,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<In>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
@@ -554,6 +591,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<In>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -565,6 +603,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<In>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::U8>>());
@@ -582,6 +621,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     .Arg<ffi::Buffer<ffi::U8>>()
     .Arg<In>()
     .Arg<In>()
+    .Attr<int32_t>("threads")
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
     .Ret<ffi::Buffer<ffi::F32>>()
@@ -611,8 +651,10 @@ extern "C" HK_RNN_EXPORT int64_t hk_rnn_prepare(int kind, int64_t steps,
 
 // 0 when oneDNN's CPU engine works here, else -1 with the message in
 // ``error``; ``version`` receives oneDNN's version, e.g. "3.2.0".
-extern "C" HK_RNN_EXPORT int hk_rnn_onednn_check(char* version, size_t version_size,
-                                   char* error, size_t error_size) {
+extern "C" HK_RNN_EXPORT int hk_rnn_onednn_check(char* version,
+                                                 size_t version_size,
+                                                 char* error,
+                                                 size_t error_size) {
   const dnnl_version_t* v = dnnl_version();
   std::snprintf(version, version_size, "%d.%d.%d", v->major, v->minor,
                 v->patch);

@@ -183,6 +183,7 @@ class _Switch(parameterized.TestCase):
     self.addCleanup(environment.stop)
     os.environ.pop(onednn.ENVIRONMENT_VARIABLE, None)
     os.environ.pop(onednn.TRAINING_VARIABLE, None)
+    os.environ.pop(onednn.THREADS_VARIABLE, None)
 
 
 @_SKIP
@@ -428,6 +429,15 @@ class DispatchTest(_Switch):
     onednn.set_enabled(False)
     run = _results_and_grads(self._lstm_sequence())
     _assert_close(on, run(*self.args))
+
+  def test_one_thread_gives_the_same_numbers(self):
+    all_threads = _results_and_grads(_through_onednn)(*self.args)
+    os.environ[onednn.THREADS_VARIABLE] = "1"
+    one_thread = _results_and_grads(_through_onednn)(*self.args)
+    _assert_close(one_thread, all_threads)
+    os.environ[onednn.THREADS_VARIABLE] = "two"
+    with self.assertRaisesRegex(ValueError, "HK_RNN_ONEDNN_THREADS must be"):
+      _through_onednn(*self.args)
 
   def test_bad_switch_values_raise(self):
     with self.assertRaisesRegex(ValueError, "set_enabled: enabled must be"):

@@ -40,7 +40,9 @@ takes precedence. Both are read when a function is traced: functions
 
 oneDNN's OpenMP threads, like PyTorch's, slow down many times over when
 other processes keep the cores busy; on a shared machine, ``HK_RNN_ONEDNN=0``
-or ``OMP_NUM_THREADS=1`` (see docs/performance.md).
+or ``HK_RNN_ONEDNN_THREADS=1`` (at most that many OpenMP threads in each
+oneDNN call, read when tracing; 0, the default, leaves OpenMP's number)
+(see docs/performance.md).
 
 Building the extension needs a C++17 compiler and the pip packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` (``pip install
@@ -79,6 +81,7 @@ Array = jax.Array
 
 ENVIRONMENT_VARIABLE = "HK_RNN_ONEDNN"
 TRAINING_VARIABLE = "HK_RNN_ONEDNN_TRAINING"
+THREADS_VARIABLE = "HK_RNN_ONEDNN_THREADS"
 _LIBRARY_STEM = "_onednn_lstm"
 _TARGETS = {
   f"hk_rnn_{cell}_{stage}": f"HkRnn{cell.capitalize()}{stage.capitalize()}"
@@ -322,8 +325,20 @@ def supports_gru(
   return _supports("gru", inputs, w_h, (w_i, b_i, b_h, initial_carry))
 
 
+def _threads() -> int:
+  """``HK_RNN_ONEDNN_THREADS``: oneDNN's OpenMP threads per call, 0: all."""
+  value = os.environ.get(THREADS_VARIABLE, "0").strip() or "0"
+  if not value.isdigit():
+    raise ValueError(
+      f"{THREADS_VARIABLE} must be a whole number of threads, got {value!r}"
+    )
+  return int(value)
+
+
 def _call(target, results, *args):
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args)
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
+    *args, threads=np.int32(_threads())
+  )
 
 
 def _carries(cell, batch, features):
