@@ -1,7 +1,10 @@
 r"""Times recurrent training steps of hk_rnn and its peers side by side.
 
-Every contender installed (hk_rnn with its fused kernels, and with
-``fused=False``, a plain ``hk.scan`` of the cell; in masked cases also
+Every contender installed (hk_rnn with its fused kernels, which on CPU run
+an unmasked LSTM or GRU through oneDNN where the optional extension is
+built, without that extension, ``hk_rnn_no_onednn``, and through oneDNN's
+training primitives too, ``hk_rnn_onednn_training``; hk_rnn with ``fused=False``,
+a plain ``hk.scan`` of the cell; in masked cases also
 hk_rnn given no lengths, the cost of masking; Flax ``nn.RNN`` with
 ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell`` or ``MGUCell``; Haiku
 ``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
@@ -179,21 +182,39 @@ def _haiku_model(build):
   )
 
 
-def _hk_rnn(use_fused: bool, masked: bool = True):
+def _hk_rnn(
+  use_fused: bool,
+  masked: bool = True,
+  onednn: bool | None = None,
+  onednn_training: bool | None = None,
+):
   """hk_rnn through its public API, fused kernels on or off.
 
   With ``masked=False`` the contender exists only for masked cases and runs
   the same model without the lengths: the cost of masking, timed in the
-  same rounds.
+  same rounds. ``onednn`` and ``onednn_training`` set the optional oneDNN
+  extension's switch (``hk_rnn._src.onednn.set_enabled``) while the step is
+  traced; contenders that set them exist only where the extension is built
+  and would run the case (an unmasked LSTM or GRU; a training step for
+  ``onednn_training``), beside the default.
   """
 
   def runner(case: Case, inputs, lengths) -> Runner | None:
     import hk_rnn
+    from hk_rnn._src import onednn as onednn_module
 
     if not masked:
       if not case.masked:
         return None
       case = dataclasses.replace(case, masked=False)
+    switched = onednn is not None or onednn_training is not None
+    if switched and (
+      case.cell not in ("lstm", "gru")
+      or case.masked
+      or (onednn_training is not None and not case.training)
+      or not onednn_module.available()
+    ):
+      return None
     cell_class = {
       "lstm": hk_rnn.LSTMCell,
       "gru": hk_rnn.GRUCell,
@@ -209,7 +230,11 @@ def _hk_rnn(use_fused: bool, masked: bool = True):
         module = hk_rnn.Bidirectional(module, layer())
       return module(x, seq_lengths=n if case.masked else None)
 
-    return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+    onednn_module.set_enabled(onednn, training=onednn_training)
+    try:
+      return _jax_runner(case, *_haiku_model(build), inputs, lengths)
+    finally:
+      onednn_module.set_enabled(None)
 
   return runner
 
@@ -390,7 +415,14 @@ def _torch_memory_child(case: Case, seed: int) -> None:
 # --- Driver -----------------------------------------------------------------
 
 CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
+  # The default: on CPU, unmasked LSTMs run oneDNN where the optional
+  # extension is built (hk_rnn/_src/onednn.py).
   "hk_rnn": ("hk_rnn", _hk_rnn(True)),
+  # The same with the extension off: the fused JAX kernels alone.
+  "hk_rnn_no_onednn": ("hk_rnn", _hk_rnn(True, onednn=False)),
+  # Training steps through oneDNN's backward primitive (the default runs
+  # oneDNN for values only and the fused kernels' VJP under autodiff).
+  "hk_rnn_onednn_training": ("hk_rnn", _hk_rnn(True, onednn_training=True)),
   # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
   "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
   # Masked cases only: the same model given no lengths.

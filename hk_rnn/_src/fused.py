@@ -695,6 +695,39 @@ def lstm_sequence(
     )
   ):
     return cudnn_lstm(inputs, w_i, w_h, b, initial_carry, valid=valid)
+  # On CPU, oneDNN's LSTM primitive where it computes exactly this call
+  # (an optional compiled extension: hk_rnn/_src/onednn.py).
+  if (
+    not return_step_carries
+    and valid is None
+    and reset is None
+    and recurrent_mask is None
+  ):
+    from hk_rnn._src import onednn
+
+    if onednn.supports(inputs, w_i, w_h, b, initial_carry):
+      return onednn.lstm(
+        inputs,
+        w_i,
+        w_h,
+        b,
+        initial_carry,
+        fused_kernel=lambda x, w_i, w_h, b, carry: _sequence(
+          _LSTM,
+          unroll,
+          False,
+          x,
+          w_i,
+          w_h,
+          b,
+          None,
+          carry,
+          carry,
+          None,
+          None,
+          None,
+        )[:2],
+      )
   final, outputs, emitted = _sequence(
     _LSTM,
     unroll,
@@ -807,6 +840,49 @@ def gru_sequence(
     ``(h, outputs)``; with ``return_step_carries``, ``(h, outputs,
     outputs)``: the outputs are the carry after every step (0 at padding).
   """
+  # On CPU, oneDNN's linear-before-reset GRU where it computes exactly this
+  # call (an optional compiled extension: hk_rnn/_src/onednn.py).
+  if (
+    not return_step_carries
+    and valid is None
+    and reset is None
+    and recurrent_mask is None
+  ):
+    from hk_rnn._src import onednn
+
+    _check(
+      "gru_sequence",
+      inputs,
+      3,
+      w_i,
+      w_h,
+      {"b_i": b_i, "b_h": b_h},
+      (initial_carry,),
+      (initial_carry,),
+    )
+    if onednn.supports_gru(inputs, w_i, w_h, b_i, b_h, initial_carry):
+
+      def fused_kernel(x, w_i, w_h, b_i, b_h, h):
+        (h,), outputs, _ = _sequence(
+          _GRU,
+          unroll,
+          False,
+          x,
+          w_i,
+          w_h,
+          b_i,
+          b_h,
+          (h,),
+          (h,),
+          None,
+          None,
+          None,
+        )
+        return h, outputs
+
+      return onednn.gru(
+        inputs, w_i, w_h, b_i, b_h, initial_carry, fused_kernel=fused_kernel
+      )
   return _single_carry_sequence(
     "gru_sequence",
     _GRU,
