@@ -14,6 +14,11 @@ from hk_rnn._src.cells import (
   RNNCellBase,
   SimpleCell,
 )
+from hk_rnn._src.min_cells import (
+  LinearRecurrentCell,
+  MinGRUCell,
+  MinLSTMCell,
+)
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
 from hk_rnn._src.stacked import StackedRNN
@@ -26,7 +31,10 @@ __all__ = (
   "ConvLSTMCell",
   "GRUCell",
   "LSTMCell",
+  "LinearRecurrentCell",
   "MGUCell",
+  "MinGRUCell",
+  "MinLSTMCell",
   "RNNCellBase",
   "SimpleCell",
   "StackedRNN",
