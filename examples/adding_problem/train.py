@@ -51,7 +51,7 @@ CELLS = {
 }
 _CELL = flags.DEFINE_enum("cell", "min_gru", list(CELLS), "The recurrent cell.")
 _SEQ_LENGTH = flags.DEFINE_integer(
-  "seq_length", 512, "The longest row (rows are 1/2 to 1 of it).", lower_bound=4
+  "seq_length", 256, "The longest row (rows are 1/2 to 1 of it).", lower_bound=4
 )
 _HIDDEN_SIZE = flags.DEFINE_integer(
   "hidden_size", 64, "Units per layer.", lower_bound=1
