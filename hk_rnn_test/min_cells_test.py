@@ -170,7 +170,9 @@ class MatchesFloat64LoopTest(parameterized.TestCase):
     )
     params, x, h0, w_out, w_final = _setup(kind, IDS)
     with mock.patch.object(
-      linear_scan, "linear_recurrence", wraps=linear_scan.linear_recurrence
+      linear_scan,
+      "masked_linear_recurrence",
+      wraps=linear_scan.masked_linear_recurrence,
     ) as spy:
       final, outputs, (g_params, g_x, g_h0) = run(
         params, x, IDS, h0, w_out, w_final
@@ -558,6 +560,41 @@ class LinearRecurrenceTest(parameterized.TestCase):
       jax.grad(loss(form), (0, 1, 2))(a, b, initial),
       jax.grad(loss(loop), (0, 1, 2))(a, b, initial),
     )
+
+  @parameterized.parameters(*METHODS)
+  def test_masked_recurrence_skips_padding_even_when_not_finite(self, method):
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0, 1, (6, 3, 2)).astype(np.float32)
+    b = rng.normal(size=(6, 3, 2)).astype(np.float32)
+    valid = np.arange(6)[:, None] < np.array([6, 2, 0])
+    a[~valid], b[~valid] = np.inf, np.nan
+    initial = rng.normal(size=(3, 2)).astype(np.float32)
+    weights = rng.normal(size=(6, 3, 2)).astype(np.float32)
+
+    def loss(a, b, initial):
+      outputs, final = linear_scan.masked_linear_recurrence(
+        a, b, initial, valid, method=method
+      )
+      return jnp.sum(weights * outputs) + jnp.sum(jnp.sin(final))
+
+    def loop_loss(a, b, initial):
+      total, h = 0.0, initial
+      for t in range(6):
+        keep = valid[t][:, None]
+        h = jnp.where(
+          keep, jnp.where(keep, a[t], 0) * h + jnp.where(keep, b[t], 0), h
+        )
+        total = total + jnp.sum(jnp.where(keep, weights[t] * h, 0))
+      return total + jnp.sum(jnp.sin(h))
+
+    test_utils.tree_allclose(
+      self, loss(a, b, initial), loop_loss(a, b, initial)
+    )
+    grads = jax.grad(loss, (0, 1, 2))(a, b, initial)
+    test_utils.tree_allclose(
+      self, grads, jax.grad(loop_loss, (0, 1, 2))(a, b, initial)
+    )
+    self.assertTrue(all(np.all(g[~valid] == 0) for g in grads[:2]))
 
   def test_auto_rule(self):
     self.assertEqual(linear_scan.choose_method(4096, "cpu"), "sequential")

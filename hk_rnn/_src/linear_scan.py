@@ -178,6 +178,114 @@ def linear_recurrence(
   return _recurrence(method, int(unroll), a, b, initial)
 
 
+def masked_linear_recurrence(
+  a: Array,
+  b: Array,
+  initial: Array,
+  valid: Array | None,
+  *,
+  method: str = "auto",
+  unroll: int = 1,
+) -> tuple[Array, Array]:
+  r"""The recurrence with padded steps skipped: ``(outputs, final)``.
+
+  Where ``valid[t]`` is False the carry is kept and the output is 0
+  (padding, which must only follow a row's valid steps, as in ``RNN``):
+  :func:`linear_recurrence` of ``mask_coefficients(a, b, valid=valid)``,
+  outputs zeroed at padding. The sequential form applies the mask inside
+  its loop (forward and backward), which saves the full-size passes that
+  masking the coefficients and outputs would take.
+
+  >>> a, b = jnp.full((3, 1), 0.5), jnp.ones((3, 1))
+  >>> valid = jnp.array([[True], [True], [False]])
+  >>> outputs, final = masked_linear_recurrence(
+  ...     a, b, jnp.zeros((1,)), valid, method="sequential")
+  >>> outputs.ravel().tolist(), final.tolist()
+  ([1.0, 1.5, 0.0], [1.5])
+
+  Args:
+    a: ``(T, B, *F)``, or anything that broadcasts to ``b``'s shape.
+    b: ``(T, B, *F)``.
+    initial: ``(B, *F)``.
+    valid: ``(T, B)`` bool; None: every step valid.
+    method, unroll: as for :func:`linear_recurrence`.
+
+  Returns:
+    ``outputs (T, B, *F)``, zero at padded steps, and the carry after the
+    last step, ``(B, *F)`` (``initial`` when ``T = 0``).
+  """
+  check_method(method, "masked_linear_recurrence")
+  b = jnp.asarray(b)
+  dtype = jnp.result_type(a, b, initial)
+  a = jnp.broadcast_to(jnp.asarray(a, dtype), b.shape)
+  b = b.astype(dtype)
+  initial = jnp.broadcast_to(jnp.asarray(initial, dtype), b.shape[1:])
+  time = b.shape[0]
+  if time == 0:
+    return b, initial
+  if method == "auto":
+    method = choose_method(time)
+  if valid is None:
+    h = _recurrence(method, int(unroll), a, b, initial)
+    return h, h[-1]
+  valid = jnp.asarray(valid, bool)
+  if method == "sequential":
+    keep = valid.reshape(valid.shape + (1,) * (b.ndim - 2)).astype(dtype)
+    return _masked_sequential(int(unroll), a, b, initial, keep)
+  a, b = mask_coefficients(a, b, valid=valid)
+  h = _recurrence(method, int(unroll), a, b, initial)
+  rows = valid.reshape(valid.shape + (1,) * (b.ndim - 2))
+  return jnp.where(rows, h, jnp.zeros((), dtype)), h[-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _masked_sequential(unroll, a, b, initial, keep):
+  return _masked_sequential_forward(unroll, a, b, initial, keep)[0]
+
+
+def _masked_sequential_forward(unroll, a, b, initial, keep):
+  """``keep (T, B, 1...)`` is 1.0 at valid steps, 0.0 at padded ones.
+
+  Padding is only ever at the end of a row, so the carry before a valid
+  step is the previous output (or ``initial``): the outputs are all the
+  backward pass keeps.
+  """
+
+  def step(h, inputs):
+    a_t, b_t, keep_t = inputs
+    new_h = a_t * h + b_t
+    kept = keep_t > 0
+    return jnp.where(kept, new_h, h), jnp.where(kept, new_h, 0)
+
+  final, outputs = lax.scan(step, initial, (a, b, keep), unroll=unroll)
+  return (outputs, final), (a, outputs, initial, keep)
+
+
+def _masked_sequential_backward(unroll, saved, cotangents):
+  a, outputs, initial, keep = saved
+  outputs_bar, final_bar = cotangents
+
+  def step(carry_bar, inputs):
+    a_t, outputs_bar_t, keep_t = inputs
+    # The cotangent of this step's new h; zero at padding, where the carry
+    # passes through unchanged.
+    new_h_bar = keep_t * (outputs_bar_t + carry_bar)
+    carry_bar = jnp.where(keep_t > 0, a_t * new_h_bar, carry_bar)
+    return carry_bar, new_h_bar
+
+  initial_bar, b_bar = lax.scan(
+    step, final_bar, (a, outputs_bar, keep), reverse=True, unroll=unroll
+  )
+  h_before = jnp.concatenate([initial[None], outputs[:-1]])
+  return b_bar * h_before, b_bar, initial_bar, jnp.zeros_like(keep)
+
+
+_masked_sequential.defvjp(
+  lambda unroll, *args: _masked_sequential_forward(unroll, *args),
+  _masked_sequential_backward,
+)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _recurrence(method, unroll, a, b, initial):
   return _FORMS[method](a, b, initial, unroll)

@@ -220,21 +220,15 @@ class LinearRecurrentCell(cells.RNNCellBase):
     initial = initial_carry.astype(dtype)
     reset_carry = initial if reset_carry is None else reset_carry
     a, b = linear_scan.mask_coefficients(
-      a, b, valid=valid, reset=reset, reset_carry=reset_carry
+      a, b, reset=reset, reset_carry=reset_carry
     )
-    time = inputs.shape[0]
-    method = self.scan_method
-    if method == "auto":
-      method = linear_scan.choose_method(time)
-    h = linear_scan.linear_recurrence(
-      a, b, initial, method=method, unroll=unroll
+    outputs, final = linear_scan.masked_linear_recurrence(
+      a, b, initial, valid, method=self.scan_method, unroll=unroll
     )
-    final = h[-1] if time else initial
-    outputs = h
-    if valid is not None:
-      outputs = jnp.where(valid[..., None], h, jnp.zeros((), dtype))
     if return_step_carries:
-      return final, outputs, h
+      # The output is the carry at every valid step; padded steps' carries
+      # are unspecified.
+      return final, outputs, outputs
     return final, outputs
 
 
