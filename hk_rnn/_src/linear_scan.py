@@ -147,10 +147,12 @@ def linear_recurrence(
 
   >>> a = jnp.array([[0.5], [0.5], [1.0]])
   >>> b = jnp.array([[1.0], [1.0], [0.0]])
-  >>> linear_recurrence(a, b, jnp.array([2.0]), method="sequential").ravel()
-  Array([2. , 2. , 2. ], dtype=float32)
-  >>> linear_recurrence(a, b, jnp.array([0.0]), method="associative").ravel()
-  Array([1. , 1.5, 1.5], dtype=float32)
+  >>> h = linear_recurrence(a, b, jnp.array([2.0]), method="sequential")
+  >>> h.ravel().tolist()
+  [2.0, 2.0, 2.0]
+  >>> h = linear_recurrence(a, b, jnp.array([0.0]), method="associative")
+  >>> h.ravel().tolist()
+  [1.0, 1.5, 1.5]
 
   Args:
     a: ``(T, *shape)``, or anything that broadcasts to ``b``'s shape.

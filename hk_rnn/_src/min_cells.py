@@ -17,6 +17,7 @@ Needed?".
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,13 +137,20 @@ class LinearRecurrentCell(cells.RNNCellBase):
   def _coefficients(self, inputs: Array) -> tuple[Array, Array, Any]:
     """``coefficients`` in the computation dtype, broadcast to ``(..., F)``."""
     dtype = self._compute_dtype(inputs.dtype)
-    a, b = self.coefficients(inputs.astype(dtype))
-    shape = (*inputs.shape[:-1], self.features)
-    return (
-      jnp.broadcast_to(jnp.asarray(a, dtype), shape),
-      jnp.broadcast_to(jnp.asarray(b, dtype), shape),
-      dtype,
-    )
+    lead = inputs.shape[:-1]
+    # One row per step and batch entry: XLA:CPU runs a matmul over a single
+    # leading axis, and the transpose of it in the backward pass, as one
+    # GEMM, where several leading axes can fall off its fast path.
+    flat = inputs.astype(dtype).reshape((-1, inputs.shape[-1]))
+    a, b = self.coefficients(flat)
+    shape = (math.prod(lead), self.features)
+
+    def full(x):
+      return jnp.broadcast_to(jnp.asarray(x, dtype), shape).reshape(
+        (*lead, self.features)
+      )
+
+    return full(a), full(b), dtype
 
   def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
     """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
