@@ -35,11 +35,11 @@ from examples.common import parallel, training
 
 training.define_flags(
   output_dir="runs/adding_problem",
-  num_steps=1500,
+  num_steps=600,
   batch_size=64,
   learning_rate=3e-3,
-  eval_every=100,
-  checkpoint_every=500,
+  eval_every=50,
+  checkpoint_every=600,
 )
 flags.adopt_module_key_flags(training)
 flags.adopt_module_key_flags(parallel)
@@ -51,10 +51,10 @@ CELLS = {
 }
 _CELL = flags.DEFINE_enum("cell", "min_gru", list(CELLS), "The recurrent cell.")
 _SEQ_LENGTH = flags.DEFINE_integer(
-  "seq_length", 256, "The longest row (rows are 1/2 to 1 of it).", lower_bound=4
+  "seq_length", 512, "The longest row (rows are 1/2 to 1 of it).", lower_bound=4
 )
 _HIDDEN_SIZE = flags.DEFINE_integer(
-  "hidden_size", 64, "Units per layer.", lower_bound=1
+  "hidden_size", 128, "Units per layer.", lower_bound=1
 )
 _NUM_LAYERS = flags.DEFINE_integer(
   "num_layers", 2, "Stacked recurrent layers.", lower_bound=1
