@@ -21,6 +21,11 @@ from hk_rnn._src.cells import (
   SimpleCell,
 )
 from hk_rnn._src.cores import CellCore, CoreCell
+from hk_rnn._src.min_cells import (
+  LinearRecurrentCell,
+  MinGRUCell,
+  MinLSTMCell,
+)
 from hk_rnn._src.packing import (
   PackedSequences,
   pack_sequences,
@@ -41,7 +46,10 @@ __all__ = (
   "CoreCell",
   "GRUCell",
   "LSTMCell",
+  "LinearRecurrentCell",
   "MGUCell",
+  "MinGRUCell",
+  "MinLSTMCell",
   "PackedSequences",
   "RNNCellBase",
   "SimpleCell",

@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import options, packing, run
+from benchmarks import linear, options, packing, run
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
@@ -73,6 +73,27 @@ class BenchmarkHarnessTest(absltest.TestCase):
       for name in ("hk_rnn_packed", "hk_rnn_padded", "torch_packed"):
         self.assertIn(f"| {name} |", table)
       self.assertIn("Per-segment carries cost", table)
+
+  def test_tiny_linear_run_checks_the_targets(self):
+    with tempfile.TemporaryDirectory() as out:
+      linear.main(
+        [
+          "--tiny",
+          "--times=8",
+          "--contenders=min_gru_default,min_gru_step,hk_rnn_gru_fused",
+          "--rounds=1",
+          "--iters=1",
+          f"--out={out}",
+        ]
+      )
+      with open(os.path.join(out, "linear.md")) as file:
+        table = file.read()
+      for name in ("min_gru_default", "min_gru_step"):
+        self.assertIn(f"| {name} |", table)
+      self.assertIn("| hk_rnn_gru_fused | ", table)
+      self.assertIn("MinGRU default ÷ hk_rnn_gru_fused:", table)
+      self.assertIn("MinGRU default ÷ min_gru_step:", table)
+      self.assertTrue(os.path.exists(os.path.join(out, "linear.json")))
 
   def test_unknown_case_is_an_error_naming_the_flag(self):
     with self.assertRaises(SystemExit):

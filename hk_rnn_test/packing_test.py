@@ -497,6 +497,32 @@ class SegmentCarriesTest(parameterized.TestCase):
       np.testing.assert_allclose(chunked[1, 0], full[1, 0], rtol=1e-5)
       np.testing.assert_allclose(chunked[3, 0], full[3, 1], rtol=1e-5)
 
+  @parameterized.parameters(("MinGRUCell", False), ("MinLSTMCell", True))
+  def test_linear_cells_whole_sequence_equals_their_step(self, name, reverse):
+    inputs, ids = _inputs(), jnp.asarray(IDS)
+    carry0 = _nonzero_carry("gru", 4)
+
+    def model(fused_kernel):
+      return test_utils.transform(
+        lambda x, m, h: hk_rnn.RNN(
+          getattr(hk_rnn, name)(FEATURES, name="cell"), fused=fused_kernel
+        )(x, m, initial_carry=h, reverse=reverse, max_segments=SLOTS)
+      )
+
+    params = model(True).init(jax.random.PRNGKey(0), inputs, ids, carry0)
+    results = []
+    for fused_kernel in (True, False):
+      run = model(fused_kernel).apply
+      grads = jax.grad(lambda *a, run=run: _loss(*run(*a)), (0, 1, 3))
+      results.append(
+        (run(params, inputs, ids, carry0), grads(params, inputs, ids, carry0))
+      )
+    test_utils.tree_allclose(self, results[0], results[1])
+    # Row 2 is empty: every slot holds the initial carry.
+    np.testing.assert_array_equal(
+      results[0][0][0][2], np.broadcast_to(carry0[2], (SLOTS, FEATURES))
+    )
+
   def test_a_users_cell_through_the_step_path(self):
     class Counter(hk_rnn.RNNCellBase):
       """Carries ``{"sum": Σx, "steps": n}``; a dict, to test pytrees."""

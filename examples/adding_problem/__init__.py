@@ -1,0 +1,1 @@
+"""The adding-problem example trainer; see train.py."""
