@@ -62,8 +62,8 @@ class LinearRecurrentCell(cells.RNNCellBase):
   >>> h.shape, y.shape
   ((2, 8), (2, 5, 8))
 
-  Args (all but ``features`` keyword-only):
-    features: ``F``, the size of ``h``.
+  Args:
+    features: ``F``, the size of ``h``; the other arguments are keyword-only.
     carry_init: ``carry_init(shape, dtype)`` for ``h`` (zeros).
     dtype: the computation dtype; by default the promotion of the inputs'
       and the parameters' dtypes.
@@ -72,7 +72,7 @@ class LinearRecurrentCell(cells.RNNCellBase):
     recurrent_dropout_rate: must be 0: there is no recurrent weight to drop
       into (a ``ValueError`` otherwise).
     scan_method: the form of the whole-sequence recurrence: ``"auto"`` (the
-      rule of :func:`hk_rnn._src.linear_scan.choose_method`: the sequential
+      rule of ``linear_scan.choose_method`` in ``hk_rnn/_src``: the sequential
       loop on CPU, the associative scan on accelerators), or one of
       ``"sequential"``, ``"chunked"``, ``"associative"`` to force it. All
       give the same numbers up to rounding.
@@ -263,8 +263,8 @@ class MinGRUCell(LinearRecurrentCell):
   >>> h.shape, y.shape, bool((y[1, 2:] == 0).all())
   ((2, 4), (2, 6, 4), True)
 
-  Args (all but ``features`` keyword-only):
-    features: ``F``.
+  Args:
+    features: ``F``; the other arguments are keyword-only.
     gate_fn: the gate nonlinearity σ.
     activation_fn: applied to ``h̃``; None (the default) is the identity, as
       in the paper.
