@@ -271,7 +271,7 @@ class MinGRUCell(LinearRecurrentCell):
     w_i_init: initializer of ``w_i`` (LeCun normal).
     w_h_init: must be None: there is no recurrent weight.
     b_init: initializer of ``b`` (zeros).
-    Others as for :class:`LinearRecurrentCell`.
+    **options: the others, as for :class:`LinearRecurrentCell`.
   """
 
   _blocks = 2
