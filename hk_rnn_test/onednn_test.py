@@ -75,9 +75,10 @@ def _gru_through_onednn(*args):
 
 
 def _gru_through_fused(x, w_i, w_h, b_i, b_h, h):
-  (h,), outputs = fused._sequence(  # noqa: SLF001
+  (h,), outputs, _ = fused._sequence(  # noqa: SLF001
     fused._GRU,  # noqa: SLF001
     1,
+    False,  # no per-step carries
     x,
     w_i,
     w_h,
@@ -112,9 +113,10 @@ def _through_dispatch(x, w_i, w_h, b, carry):
 
 
 def _through_fused(x, w_i, w_h, b, carry):
-  return fused._sequence(  # noqa: SLF001 - the kernel oneDNN replaces
+  final, outputs, _ = fused._sequence(  # noqa: SLF001 - the kernel oneDNN replaces
     fused._LSTM,  # noqa: SLF001
     1,
+    False,  # no per-step carries
     x,
     w_i,
     w_h,
@@ -126,6 +128,7 @@ def _through_fused(x, w_i, w_h, b, carry):
     None,
     None,
   )
+  return final, outputs
 
 
 def _through_steps(x, w_i, w_h, b, carry):

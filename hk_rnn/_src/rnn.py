@@ -365,7 +365,7 @@ class RNN(hk.Module):
       dropout_sampling: how the recurrent dropout mask reaches each step:
         ``"once"`` samples it before the scan and closes over it,
         ``"per_step"`` regenerates the same mask inside every step from a
-        fixed key. Same numbers; see the README's benchmark.
+        fixed key. Same numbers and cost (docs/speed.md).
       name: the module name.
     """
     super().__init__(name=name)
