@@ -25,6 +25,11 @@ is ``pack_sequences``' own, per batch, on the host.
 
     python -m benchmarks.packing                  # 128 and 512 sequences
     python -m benchmarks.packing --out benchmarks/results
+    python -m benchmarks.packing --pack_only 100000 --row_length 512
+
+``--pack_only N`` times ``pack_sequences`` alone on N sequences of the same
+length mix (CPU seconds, median of 5, scalar and 8 features per step): the
+host-side cost of packing a data pipeline's batches.
 """
 
 from __future__ import annotations
@@ -191,6 +196,34 @@ def torch_contenders(sequences, features):
   }
 
 
+def time_packing(count, args) -> str:
+  """``pack_sequences``' CPU time on ``count`` sequences, as a table."""
+  import hk_rnn
+
+  lengths = draw_lengths(count, args.median, args.max_length, args.seed)
+  lines = [
+    f"`pack_sequences` of {count} sequences (log-normal lengths, median "
+    f"{args.median:g}, clipped to [1, {args.max_length}]) into rows of "
+    f"{args.row_length}; CPU seconds, median of 5:",
+    "",
+    "| features per step | CPU s | rows | fill |",
+    "|---|---|---|---|",
+  ]
+  for features in ((), (8,)):
+    sequences = [np.ones((n, *features), np.float32) for n in lengths]
+    seconds = []
+    for _ in range(5):
+      start = time.process_time()
+      packed = hk_rnn.pack_sequences(sequences, args.row_length)
+      seconds.append(time.process_time() - start)
+    lines.append(
+      f"| {features[0] if features else 'scalar'} | "
+      f"{statistics.median(seconds):.3f} | {packed.num_rows} | "
+      f"{100 * packed.fill:.1f}% |"
+    )
+  return "\n".join(lines)
+
+
 def run_size(count, args, log) -> dict:
   lengths = draw_lengths(count, args.median, args.max_length, args.seed)
   sequences = draw_sequences(lengths, args.inputs, args.seed)
@@ -307,7 +340,17 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--out", default=None, help="folder for packing.{md,json}"
   )
+  parser.add_argument(
+    "--pack_only",
+    type=int,
+    default=None,
+    metavar="N",
+    help="only time pack_sequences on N sequences",
+  )
   args = parser.parse_args(argv)
+  if args.pack_only:
+    print(time_packing(args.pack_only, args))
+    return
   log = lambda message: print(message, flush=True)  # noqa: E731
   runs = []
   for count in args.sizes:

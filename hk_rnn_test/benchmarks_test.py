@@ -74,6 +74,14 @@ class BenchmarkHarnessTest(absltest.TestCase):
         self.assertIn(f"| {name} |", table)
       self.assertIn("Per-segment carries cost", table)
 
+  def test_packing_time_alone(self):
+    options = packing.argparse.Namespace(
+      median=3, max_length=8, row_length=8, seed=0
+    )
+    table = packing.time_packing(50, options)
+    self.assertIn("| scalar |", table)
+    self.assertIn("| 8 |", table)
+
   def test_tiny_linear_run_checks_the_targets(self):
     with tempfile.TemporaryDirectory() as out:
       linear.main(
