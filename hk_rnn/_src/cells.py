@@ -78,6 +78,15 @@ class RNNCellBase(hk.Module, abc.ABC):
     return None
 
 
+def check_features(features: Any, context: str) -> int:
+  """A cell's ``features``, checked to be a positive int."""
+  if not isinstance(features, (int, np.integer)) or features <= 0:
+    raise ValueError(
+      f"{context}: features must be a positive int, got {features!r}"
+    )
+  return int(features)
+
+
 def _orthogonal_per_block(num_blocks: int) -> Initializer:
   """Orthogonal ``(F, F)`` blocks side by side: an ``(F, num_blocks*F)`` init."""
   orthogonal = hk.initializers.Orthogonal()
@@ -135,11 +144,7 @@ class _GatedCell(RNNCellBase):
   ):
     super().__init__(name=name)
     context = type(self).__name__
-    if not isinstance(features, (int, np.integer)) or features <= 0:
-      raise ValueError(
-        f"{context}: features must be a positive int, got {features!r}"
-      )
-    self.features = int(features)
+    self.features = check_features(features, context)
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
     self.w_i_init = w_i_init or _LECUN_NORMAL

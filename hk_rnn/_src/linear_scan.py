@@ -166,18 +166,26 @@ def linear_recurrence(
     ``h (T, *shape)``: ``h[t]`` is the carry after step ``t``. Every form
     computes the same values (up to rounding) and gradients.
   """
-  check_method(method, "linear_recurrence")
+  a, b, initial, method = _coefficients(
+    a, b, initial, method, "linear_recurrence"
+  )
+  if not b.shape[0]:
+    return b
+  return _recurrence(method, int(unroll), a, b, initial)
+
+
+def _coefficients(a, b, initial, method, context):
+  """Checks ``method`` and brings ``a``, ``b``, ``initial`` to one dtype and
+  ``b``'s shape; ``"auto"`` becomes :func:`choose_method`'s pick."""
+  check_method(method, context)
   b = jnp.asarray(b)
   dtype = jnp.result_type(a, b, initial)
   a = jnp.broadcast_to(jnp.asarray(a, dtype), b.shape)
   b = b.astype(dtype)
   initial = jnp.broadcast_to(jnp.asarray(initial, dtype), b.shape[1:])
-  time = b.shape[0]
-  if time == 0:
-    return b
-  if method == "auto":
-    method = choose_method(time)
-  return _recurrence(method, int(unroll), a, b, initial)
+  if method == "auto" and b.shape[0]:
+    method = choose_method(b.shape[0])
+  return a, b, initial, method
 
 
 def masked_linear_recurrence(
@@ -216,17 +224,12 @@ def masked_linear_recurrence(
     ``outputs (T, B, *F)``, zero at padded steps, and the carry after the
     last step, ``(B, *F)`` (``initial`` when ``T = 0``).
   """
-  check_method(method, "masked_linear_recurrence")
-  b = jnp.asarray(b)
-  dtype = jnp.result_type(a, b, initial)
-  a = jnp.broadcast_to(jnp.asarray(a, dtype), b.shape)
-  b = b.astype(dtype)
-  initial = jnp.broadcast_to(jnp.asarray(initial, dtype), b.shape[1:])
-  time = b.shape[0]
-  if time == 0:
+  a, b, initial, method = _coefficients(
+    a, b, initial, method, "masked_linear_recurrence"
+  )
+  dtype = b.dtype
+  if not b.shape[0]:
     return b, initial
-  if method == "auto":
-    method = choose_method(time)
   if valid is None:
     h = _recurrence(method, int(unroll), a, b, initial)
     return h, h[-1]

@@ -24,7 +24,6 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hk_rnn._src import cells, dropout, linear_scan
 
@@ -93,16 +92,13 @@ class LinearRecurrentCell(cells.RNNCellBase):
   ):
     super().__init__(name=name)
     context = type(self).__name__
-    if not isinstance(features, (int, np.integer)) or features <= 0:
-      raise ValueError(
-        f"{context}: features must be a positive int, got {features!r}"
-      )
+    features = cells.check_features(features, context)
     if recurrent_dropout_rate != 0:
       raise ValueError(
         f"{context}: recurrent_dropout_rate must be 0 (the cell has no "
         f"recurrent weight), got {recurrent_dropout_rate!r}"
       )
-    self.features = int(features)
+    self.features = features
     self.carry_init = carry_init
     self.dtype = dtype
     self.param_dtype = param_dtype
