@@ -21,6 +21,8 @@ from hk_rnn._src.cells import (
   SimpleCell,
 )
 from hk_rnn._src.cores import CellCore, CoreCell
+from hk_rnn._src.griffin import GriffinCell, RGLRUCell
+from hk_rnn._src.lru import LRUCell
 from hk_rnn._src.min_cells import (
   LinearRecurrentCell,
   MinGRUCell,
@@ -45,12 +47,15 @@ __all__ = (
   "ConvLSTMCell",
   "CoreCell",
   "GRUCell",
+  "GriffinCell",
+  "LRUCell",
   "LSTMCell",
   "LinearRecurrentCell",
   "MGUCell",
   "MinGRUCell",
   "MinLSTMCell",
   "PackedSequences",
+  "RGLRUCell",
   "RNNCellBase",
   "SimpleCell",
   "StackedRNN",

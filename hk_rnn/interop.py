@@ -14,11 +14,13 @@ from hk_rnn._src.interop import (
   from_torch,
   to_torch,
 )
+from hk_rnn._src.interop_recurrentgemma import from_recurrentgemma
 
 __all__ = (
   "from_flax",
   "from_haiku",
   "from_keras",
+  "from_recurrentgemma",
   "from_torch",
   "to_torch",
 )

@@ -47,6 +47,18 @@ class RNNCellBase(hk.Module, abc.ABC):
     """How many trailing axes of one input step are features (1 for dense)."""
     return 1
 
+  @property
+  def takes_segment_starts(self) -> bool:
+    """Whether the cell computes a segment's first step differently.
+
+    Such a cell (``RGLRUCell``, ``GriffinCell``) accepts a
+    ``segment_start`` keyword in ``__call__``, bool ``(*batch,)``, True where
+    the step is the first of a sequence (segment); ``RNN`` passes it at every
+    step, and ``segment_starts (time, batch)`` to ``_fused_sequence``. A
+    step called without it is not a first step.
+    """
+    return False
+
   def dropout_masks(
     self, sample_inputs: Array, rng: jax.Array | None = None
   ) -> dropout.DropoutMasks:
@@ -67,7 +79,10 @@ class RNNCellBase(hk.Module, abc.ABC):
     ``sequence`` holds what the kernels in ``fused.py`` take by keyword, as
     ``RNN`` computes it: ``valid`` and ``reset``, ``(time, batch)`` bools;
     ``reset_carry``, the carry a row restarts from where ``reset``;
-    ``recurrent_mask``; and, only when ``RNN`` needs per-segment carries
+    ``recurrent_mask``; ``segment_starts`` (``(time, batch)`` bools, True at
+    the first step of every segment, the row's first step included unless
+    it continues a streamed carry), only for cells whose
+    ``takes_segment_starts`` is True; and, only when ``RNN`` needs per-segment carries
     (``max_segments`` over packed rows), ``return_step_carries=True``.
     Returns ``(final_carry, outputs)`` exactly as the masked step loop
     would, and with ``return_step_carries`` also the carry after every

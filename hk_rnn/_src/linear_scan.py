@@ -259,7 +259,7 @@ def _masked_sequential_forward(unroll, a, b, initial, keep):
   def step(h, inputs):
     a_t, b_t, keep_t = inputs
     new_h = a_t * h + b_t
-    kept = keep_t > 0
+    kept = keep_t != 0  # `!=`, not `>`: complex carries have no order
     return jnp.where(kept, new_h, h), jnp.where(kept, new_h, 0)
 
   final, outputs = lax.scan(step, initial, (a, b, keep), unroll=unroll)
@@ -275,7 +275,7 @@ def _masked_sequential_backward(unroll, saved, cotangents):
     # The cotangent of this step's new h; zero at padding, where the carry
     # passes through unchanged.
     new_h_bar = keep_t * (outputs_bar_t + carry_bar)
-    carry_bar = jnp.where(keep_t > 0, a_t * new_h_bar, carry_bar)
+    carry_bar = jnp.where(keep_t != 0, a_t * new_h_bar, carry_bar)
     return carry_bar, new_h_bar
 
   initial_bar, b_bar = lax.scan(

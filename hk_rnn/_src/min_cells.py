@@ -17,6 +17,8 @@ Needed?".
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,7 +33,74 @@ Array = jax.Array
 Initializer = Callable[[Sequence[int], Any], Array]
 
 
-class LinearRecurrentCell(cells.RNNCellBase):
+class ParallelCellBase(cells.RNNCellBase):
+  """What the cells without a recurrent weight share: their options, the
+  computation dtype, parameters, and variational dropout on the inputs
+  (there is no recurrent mask). Options as for :class:`LinearRecurrentCell`.
+  """
+
+  def __init__(
+    self,
+    features: int,
+    *,
+    carry_init: Initializer = jnp.zeros,
+    dtype: Any | None = None,
+    param_dtype: Any = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    scan_method: str = "auto",
+    name: str | None = None,
+  ):
+    super().__init__(name=name)
+    context = type(self).__name__
+    features = cells.check_features(features, context)
+    if recurrent_dropout_rate != 0:
+      raise ValueError(
+        f"{context}: recurrent_dropout_rate must be 0 (the cell has no "
+        f"recurrent weight), got {recurrent_dropout_rate!r}"
+      )
+    self.features = features
+    self.carry_init = carry_init
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.dropout_rate = dropout.check_rate(
+      dropout_rate, "dropout_rate", context
+    )
+    self.recurrent_dropout_rate = 0.0
+    self.scan_method = linear_scan.check_method(scan_method, context)
+
+  def _compute_dtype(self, inputs_dtype) -> Any:
+    if self.dtype is not None:
+      return self.dtype
+    return jnp.result_type(inputs_dtype, self.param_dtype)
+
+  def _parameter(self, name, shape, init) -> Array:
+    return hk.get_parameter(name, tuple(shape), self.param_dtype, init=init)
+
+  def dropout_masks(
+    self, sample_inputs: Array, rng: jax.Array | None = None
+  ) -> dropout.DropoutMasks:
+    """The input dropout mask (shaped like one step of input), scaled.
+
+    Draws from ``rng`` when given (the same key gives the same mask), else
+    from ``hk.next_rng_key()``, when ``dropout_rate`` is non-zero. There is
+    never a recurrent mask.
+    """
+    dtype = self._compute_dtype(sample_inputs.dtype)
+
+    def sample():
+      return dropout.DropoutMasks(
+        dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
+        None,
+      )
+
+    if rng is None:
+      return sample()
+    with hk.with_rng(rng):
+      return sample()
+
+
+class LinearRecurrentCell(ParallelCellBase):
   r"""Base of cells whose update is linear in the carry: :math:`h' = a h + b`.
 
   Subclasses implement :meth:`coefficients`, which maps inputs with any
@@ -78,39 +147,18 @@ class LinearRecurrentCell(cells.RNNCellBase):
     name: the module name.
   """
 
-  def __init__(
-    self,
-    features: int,
-    *,
-    carry_init: Initializer = jnp.zeros,
-    dtype: Any | None = None,
-    param_dtype: Any = jnp.float32,
-    dropout_rate: float = 0.0,
-    recurrent_dropout_rate: float = 0.0,
-    scan_method: str = "auto",
-    name: str | None = None,
-  ):
-    super().__init__(name=name)
-    context = type(self).__name__
-    features = cells.check_features(features, context)
-    if recurrent_dropout_rate != 0:
-      raise ValueError(
-        f"{context}: recurrent_dropout_rate must be 0 (the cell has no "
-        f"recurrent weight), got {recurrent_dropout_rate!r}"
-      )
-    self.features = features
-    self.carry_init = carry_init
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.dropout_rate = dropout.check_rate(
-      dropout_rate, "dropout_rate", context
-    )
-    self.recurrent_dropout_rate = 0.0
-    self.scan_method = linear_scan.check_method(scan_method, context)
-
   @abc.abstractmethod
   def coefficients(self, inputs: Array) -> tuple[Array, Array]:
     """``(a, b)`` of the update ``h' = a * h + b`` for every input given.
+
+    A subclass whose first step of a segment differs (as the RG-LRU's,
+    which does not normalise its input there) declares a second argument,
+    ``coefficients(self, inputs, segment_starts)``: bool ``(...)``, shaped
+    like the inputs' leading axes, True at the first step of a sequence (a
+    packed segment; a row's first step unless it continues a streamed
+    carry). ``RNN`` then marks those steps, in the step and the
+    whole-sequence paths alike, and a step called directly without
+    ``segment_start=`` is not a first step.
 
     Args:
       inputs: ``(..., in)`` in the computation dtype: one step
@@ -122,37 +170,74 @@ class LinearRecurrentCell(cells.RNNCellBase):
       ``a`` and ``b``, each broadcastable to ``(..., F)``.
     """
 
-  def _compute_dtype(self, inputs_dtype) -> Any:
-    if self.dtype is not None:
-      return self.dtype
-    return jnp.result_type(inputs_dtype, self.param_dtype)
+  @property
+  def takes_segment_starts(self) -> bool:
+    """Whether ``coefficients`` takes a ``segment_starts`` argument."""
+    return _takes_segment_starts(type(self))
 
-  def _parameter(self, name, shape, init) -> Array:
-    return hk.get_parameter(name, tuple(shape), self.param_dtype, init=init)
+  # Whether `_readout` can be non-zero where the carry is zero (padding).
+  _readout_needs_mask = False
 
-  def _coefficients(self, inputs: Array) -> tuple[Array, Array, Any]:
-    """``coefficients`` in the computation dtype, broadcast to ``(..., F)``."""
+  @property
+  def state_size(self) -> int:
+    """The size of the carry ``h``: ``features`` unless a cell says otherwise."""
+    return self.features
+
+  def _carry_dtype(self, compute_dtype) -> Any:
+    """The dtype the recurrence runs in: the computation dtype here."""
+    return compute_dtype
+
+  def _readout(self, h: Array, inputs: Array, dtype: Any) -> Array:
+    """The output from the carries ``h (..., F)`` and the ``inputs`` that
+    made them (both with the same leading axes): ``h`` in ``dtype``."""
+    del inputs
+    return h.astype(dtype)
+
+  def _coefficients(
+    self, inputs: Array, segment_starts: Array | None = None
+  ) -> tuple[Array, Array, Any]:
+    """``coefficients`` broadcast to ``(..., F)`` in the carry dtype, and
+    the computation dtype."""
     dtype = self._compute_dtype(inputs.dtype)
+    carry_dtype = self._carry_dtype(dtype)
     lead = inputs.shape[:-1]
     # One row per step and batch entry: XLA:CPU runs a matmul over a single
     # leading axis, and the transpose of it in the backward pass, as one
     # GEMM, where several leading axes can fall off its fast path.
     flat = inputs.astype(dtype).reshape((-1, inputs.shape[-1]))
-    a, b = self.coefficients(flat)
-    shape = (math.prod(lead), self.features)
+    if self.takes_segment_starts:
+      if segment_starts is None:
+        segment_starts = jnp.zeros(lead, bool)
+      starts = jnp.broadcast_to(jnp.asarray(segment_starts, bool), lead)
+      a, b = self.coefficients(flat, segment_starts=starts.reshape(-1))
+    else:
+      a, b = self.coefficients(flat)
+    shape = (math.prod(lead), self.state_size)
 
     def full(x):
-      return jnp.broadcast_to(jnp.asarray(x, dtype), shape).reshape(
-        (*lead, self.features)
+      x = jnp.asarray(x)
+      return jnp.broadcast_to(x.astype(carry_dtype), shape).reshape(
+        (*lead, self.state_size)
       )
 
     return full(a), full(b), dtype
 
-  def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-    """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``."""
-    a, b, dtype = self._coefficients(inputs)
-    new_h = a * carry.astype(dtype) + b
-    return new_h, new_h
+  def __call__(
+    self,
+    carry: Array,
+    inputs: Array,
+    *,
+    segment_start: Array | None = None,
+  ) -> tuple[Array, Array]:
+    """One step: ``inputs (*batch, in)``, carry ``h (*batch, F)``.
+
+    ``segment_start`` (bool, ``(*batch,)`` or a scalar) marks the first
+    step of a sequence, for cells whose ``coefficients`` take
+    ``segment_starts``; others ignore it.
+    """
+    a, b, dtype = self._coefficients(inputs, segment_start)
+    new_h = a * carry.astype(a.dtype) + b
+    return new_h, self._readout(new_h, inputs.astype(dtype), dtype)
 
   def initialize_carry(
     self, sample_inputs: Array, rng: jax.Array | None = None
@@ -165,41 +250,20 @@ class LinearRecurrentCell(cells.RNNCellBase):
         draws from ``hk.next_rng_key()``.
 
     Returns:
-      ``h (*batch, F)`` in the computation dtype.
+      ``h (*batch, F)`` in the carry dtype (the computation dtype unless
+      the cell says otherwise).
     """
     if sample_inputs.ndim < 1:
       raise ValueError(
         f"{type(self).__name__}: inputs must have a feature axis, got shape "
         f"{sample_inputs.shape}"
       )
-    shape = (*sample_inputs.shape[:-1], self.features)
-    dtype = self._compute_dtype(sample_inputs.dtype)
+    shape = (*sample_inputs.shape[:-1], self.state_size)
+    dtype = self._carry_dtype(self._compute_dtype(sample_inputs.dtype))
     if rng is None:
       return jnp.asarray(self.carry_init(shape, dtype), dtype)
     with hk.with_rng(rng):
       return jnp.asarray(self.carry_init(shape, dtype), dtype)
-
-  def dropout_masks(
-    self, sample_inputs: Array, rng: jax.Array | None = None
-  ) -> dropout.DropoutMasks:
-    """The input dropout mask (shaped like one step of input), scaled.
-
-    Draws from ``rng`` when given (the same key gives the same mask), else
-    from ``hk.next_rng_key()``, when ``dropout_rate`` is non-zero. There is
-    never a recurrent mask.
-    """
-    dtype = self._compute_dtype(sample_inputs.dtype)
-
-    def sample():
-      return dropout.DropoutMasks(
-        dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
-        None,
-      )
-
-    if rng is None:
-      return sample()
-    with hk.with_rng(rng):
-      return sample()
 
   def _fused_sequence(
     self,
@@ -211,29 +275,41 @@ class LinearRecurrentCell(cells.RNNCellBase):
     valid: Array | None = None,
     reset: Array | None = None,
     recurrent_mask: Array | None = None,
+    segment_starts: Array | None = None,
     return_step_carries: bool = False,
   ):
     """The whole sequence as one linear recurrence (see the class docstring).
 
-    ``inputs (T, B, in)``, ``valid``/``reset`` ``(T, B)``; returns
-    ``(final_carry, outputs)`` as the masked step loop would, and with
-    ``return_step_carries`` also the carry after every step, ``(T, B, F)``.
+    ``inputs (T, B, in)``, ``valid``/``reset``/``segment_starts``
+    ``(T, B)``; returns ``(final_carry, outputs)`` as the masked step loop
+    would, and with ``return_step_carries`` also the carry after every
+    step, ``(T, B, F)``.
     """
     del recurrent_mask  # never sampled: recurrent_dropout_rate is 0
-    a, b, dtype = self._coefficients(inputs)
-    initial = initial_carry.astype(dtype)
+    a, b, dtype = self._coefficients(inputs, segment_starts)
+    initial = initial_carry.astype(a.dtype)
     reset_carry = initial if reset_carry is None else reset_carry
     a, b = linear_scan.mask_coefficients(
       a, b, reset=reset, reset_carry=reset_carry
     )
-    outputs, final = linear_scan.masked_linear_recurrence(
+    h, final = linear_scan.masked_linear_recurrence(
       a, b, initial, valid, method=self.scan_method, unroll=unroll
     )
+    outputs = self._readout(h, inputs.astype(dtype), dtype)
+    if self._readout_needs_mask and valid is not None:
+      outputs = jnp.where(valid[..., None], outputs, jnp.zeros((), dtype))
     if return_step_carries:
-      # The output is the carry at every valid step; padded steps' carries
-      # are unspecified.
-      return final, outputs, outputs
+      # `h` is the carry at every valid step; padded steps' carries are
+      # unspecified.
+      return final, outputs, h
     return final, outputs
+
+
+@functools.cache
+def _takes_segment_starts(cell_type: type) -> bool:
+  """Whether ``cell_type.coefficients`` declares ``segment_starts``."""
+  parameters = inspect.signature(cell_type.coefficients).parameters
+  return "segment_starts" in parameters
 
 
 class MinGRUCell(LinearRecurrentCell):

@@ -46,6 +46,7 @@ def scan_cell(
   remat: str | None = None,
   reset_carry: Carry | None = None,
   continued: Array | None = None,
+  carry_continues: bool = False,
   max_segments: int | None = None,
 ) -> tuple[Carry, Any]:
   """Runs ``cell`` over time-major ``inputs (time, batch, *features)``.
@@ -61,7 +62,12 @@ def scan_cell(
     reach any value or gradient through the cell.
 
   ``continued (batch,)`` marks rows whose first segment continues the carry
-  passed in (streaming); their first step is not a reset. ``reverse`` flips
+  passed in (streaming); their first step is not a reset.
+  ``carry_continues`` says that every row continues the carry passed in
+  (streaming without a mask). For cells that take segment starts
+  (``cell.takes_segment_starts``), the first step of every segment is
+  marked, a row's first step included unless it continues the carry passed
+  in. ``reverse`` flips
   each segment in place before the scan (the ids are unchanged by such a
   flip) and, with ``keep_order``, flips the outputs back.
   ``recurrent_mask`` is a mask, or a function sampling it inside each step.
@@ -88,16 +94,21 @@ def scan_cell(
       reset = sequences.segment_starts(ids, axis=0)
       if continued is not None:
         reset = reset.at[0].set(reset[0] & ~continued)
+  starts = None
+  if cell.takes_segment_starts:
+    starts = _first_steps(ids, inputs.shape[:2], continued, carry_continues)
   if reverse:
     inputs = sequences.flip_tree(inputs, ids, axis=0)
 
-  def fused_kernel(inputs, carry, valid, reset):
+  def fused_kernel(inputs, carry, valid, reset, starts):
     """The cell's fused kernel from ``carry``, or None where it has none.
 
     Returns ``(final_carry, outputs)``, or with ``step_carries``
     ``(final_carry, (outputs, carries after every step))``.
     """
     options = {"return_step_carries": True} if step_carries else {}
+    if starts is not None:
+      options["segment_starts"] = starts
     result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
       inputs,
       carry,
@@ -116,7 +127,7 @@ def scan_cell(
   kernel = fused_kernel if fused else None
   result = None
   if kernel is not None and remat is None:
-    result = kernel(inputs, initial_carry, valid, reset)
+    result = kernel(inputs, initial_carry, valid, reset, starts)
   if result is None:
     result = _step_scan(
       cell,
@@ -125,6 +136,7 @@ def scan_cell(
       reset_carry,
       valid,
       reset,
+      starts,
       recurrent_mask,
       unroll,
       remat,
@@ -140,6 +152,23 @@ def scan_cell(
   if reverse and keep_order:
     outputs = sequences.flip_tree(outputs, ids, axis=0)
   return final_carry, outputs
+
+
+def _first_steps(ids, time_batch, continued, carry_continues) -> Array:
+  """True at the first step of every segment, ``(time, batch)``.
+
+  A row's first step counts unless the row continues the carry passed in:
+  ``continued`` rows (streaming with a mask), or every row with
+  ``carry_continues``. Segments flipped in place keep their positions, so
+  this holds in processing order with ``reverse`` too.
+  """
+  if ids is None:
+    starts = jnp.zeros(time_batch, bool).at[0].set(not carry_continues)
+  else:
+    starts = sequences.segment_starts(ids, axis=0)
+  if continued is not None:
+    starts = starts.at[0].set(starts[0] & ~continued)
+  return starts
 
 
 def _segment_carries(carries, ids, initial_carry, max_segments):
@@ -185,6 +214,7 @@ def _step_scan(
   reset_carry,
   valid,
   reset,
+  starts,
   recurrent_mask,
   unroll,
   remat,
@@ -194,18 +224,20 @@ def _step_scan(
   """The generic path: ``hk.scan`` over the cell's own step.
 
   With ``remat="chunked"``, each chunk runs in ``kernel(inputs, carry,
-  valid, reset)`` (the cell's fused kernel, None when off) where it gives a
-  result. With ``step_carries`` the outputs are ``(outputs, carries after
-  every step)``.
+  valid, reset, starts)`` (the cell's fused kernel, None when off) where it
+  gives a result. With ``step_carries`` the outputs are ``(outputs, carries
+  after every step)``.
   """
 
   def step(carry, step_inputs):
-    x, is_valid, is_reset = step_inputs
+    x, is_valid, is_reset, is_start = step_inputs
     if is_reset is not None:
       carry = _select_rows(is_reset, reset_carry, carry)
     options = {}
     if recurrent_mask is not None:
       options["recurrent_mask"] = _resolve_mask(recurrent_mask)
+    if is_start is not None:
+      options["segment_start"] = is_start
     new_carry, outputs = cell(carry, x, **options)
     if is_valid is not None:
       new_carry = _select_rows(is_valid, new_carry, carry)
@@ -217,7 +249,9 @@ def _step_scan(
   if remat == "step":
     step = hk.remat(step)
   if remat != "chunked":
-    return hk.scan(step, initial_carry, (inputs, valid, reset), unroll=unroll)
+    return hk.scan(
+      step, initial_carry, (inputs, valid, reset, starts), unroll=unroll
+    )
 
   # Save only the carry at chunk boundaries; recompute inside each chunk.
   time, batch = inputs.shape[:2]
@@ -239,8 +273,7 @@ def _step_scan(
     # A chunk starts from the carry the previous one left; its packed
     # segments still restart from `reset_carry`.
     if kernel is not None:
-      x, chunk_valid, chunk_reset = chunk_inputs
-      result = kernel(x, carry, chunk_valid, chunk_reset)
+      result = kernel(chunk_inputs[0], carry, *chunk_inputs[1:])
       if result is not None:
         return result
     return hk.scan(step, carry, chunk_inputs, unroll=unroll)
@@ -248,7 +281,12 @@ def _step_scan(
   final_carry, outputs = hk.scan(
     run_chunk,
     initial_carry,
-    (split(inputs, 0), split(valid, False), split(reset, False)),
+    (
+      split(inputs, 0),
+      split(valid, False),
+      split(reset, False),
+      split(starts, False),
+    ),
   )
   outputs = jax.tree.map(
     lambda leaf: leaf.reshape((chunks * chunk, *leaf.shape[2:]))[:time],
@@ -480,6 +518,7 @@ class RNN(hk.Module):
         check_initial_carry(self.cell, initial_carry, layout, "RNN")
       )
     reset_carry = continued = None
+    carry_continues = False
     if initial_segment_ids is not None:
       if reverse:
         raise ValueError(
@@ -487,6 +526,7 @@ class RNN(hk.Module):
           "reverse=True"
         )
       continued = _continued_rows(initial_segment_ids, ids, layout)
+      carry_continues = ids is None
       if continued is not None:
         packed = True
         reset_carry = self.cell.initialize_carry(sample)
@@ -505,6 +545,7 @@ class RNN(hk.Module):
       remat=self.remat,
       reset_carry=reset_carry,
       continued=continued,
+      carry_continues=carry_continues,
       max_segments=max_segments,
     )
     outputs = layout.from_scan(outputs)
