@@ -87,14 +87,7 @@ def _cell_params(params):
   return params[name]
 
 
-def _inputs(shape, seed=0, ids=None):
-  """Normal inputs; NaN and inf at the padded steps of ``ids``."""
-  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-  if ids is not None:
-    padded = np.argwhere(ids == 0)
-    for n, (row, t) in enumerate(padded):
-      x[row, t] = (np.nan, np.inf, -np.inf)[n % 3]
-  return x
+_inputs = test_utils.nan_padded_inputs
 
 
 def _weights(shape, seed):

@@ -59,6 +59,16 @@ def reference_step(kind, params, carry, x, recurrent_mask=None):
   return h, h
 
 
+def nan_padded_inputs(shape, seed=0, ids=None):
+  """Normal float32 inputs; NaN, inf and -inf in turn at the padded steps
+  (``ids == 0``) of ``ids``, which must not reach any value or gradient."""
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  if ids is not None:
+    for n, (row, t) in enumerate(np.argwhere(np.asarray(ids) == 0)):
+      x[row, t] = (np.nan, np.inf, -np.inf)[n % 3]
+  return x
+
+
 def segments_of(ids_row):
   """``[(id, [steps...]), ...]`` for one row of segment ids, padding left out."""
   ids_row = np.asarray(ids_row)

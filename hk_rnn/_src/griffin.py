@@ -125,14 +125,6 @@ def _check_divides(num_heads: int, width: int, name: str, context: str):
     )
 
 
-def _check_input_size(inputs: Array, size: int, context: str) -> None:
-  if inputs.ndim < 1 or inputs.shape[-1] != size:
-    raise ValueError(
-      f"{context}: inputs must have {size} features (the cell's "
-      f"features), got shape {inputs.shape}"
-    )
-
-
 _FAN_IN_NORMAL = hk.initializers.VarianceScaling(1.0, "fan_in", "normal")
 
 
@@ -227,7 +219,7 @@ class RGLRUCell(min_cells.LinearRecurrentCell):
     self, inputs: Array, segment_starts: Array
   ) -> tuple[Array, Array]:
     r"""``a`` and ``b = √(1−a²)·i·x``, ``b = i·x`` at first steps."""
-    _check_input_size(inputs, self.features, type(self).__name__)
+    min_cells.check_input_features(inputs, self.features, type(self).__name__)
     a_param = self._parameter(
       "a_param",
       (self.features,),

@@ -105,13 +105,6 @@ class LRUCell(min_cells.LinearRecurrentCell):
   def _real_dtype(self, compute_dtype) -> Any:
     return jnp.finfo(self._carry_dtype(compute_dtype)).dtype
 
-  def _check_inputs(self, inputs: Array) -> None:
-    if inputs.shape[-1] != self.features:
-      raise ValueError(
-        f"{type(self).__name__}: inputs must have {self.features} features "
-        f"(the cell's features), got shape {inputs.shape}"
-      )
-
   def _nu_theta_gamma(self) -> tuple[Array, Array, Array]:
     size = (self.state_size,)
     r_min, r_max = self.r_min, self.r_max
@@ -137,7 +130,7 @@ class LRUCell(min_cells.LinearRecurrentCell):
 
   def coefficients(self, inputs: Array) -> tuple[Array, Array]:
     r"""``a = λ`` and ``b = γ ⊙ x (B_re + i B_im)``, complex."""
-    self._check_inputs(inputs)
+    min_cells.check_input_features(inputs, self.features, type(self).__name__)
     real = self._real_dtype(inputs.dtype)
     nu_log, theta_log, gamma_log = (
       p.astype(real) for p in self._nu_theta_gamma()

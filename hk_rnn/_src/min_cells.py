@@ -305,6 +305,15 @@ class LinearRecurrentCell(ParallelCellBase):
     return final, outputs
 
 
+def check_input_features(inputs: Array, size: int, context: str) -> None:
+  """Raises unless ``inputs`` has ``size`` features on its last axis."""
+  if inputs.ndim < 1 or inputs.shape[-1] != size:
+    raise ValueError(
+      f"{context}: inputs must have {size} features (the cell's features), "
+      f"got {inputs.shape[-1] if inputs.ndim else 'a scalar'}"
+    )
+
+
 @functools.cache
 def _takes_segment_starts(cell_type: type) -> bool:
   """Whether ``cell_type.coefficients`` declares ``segment_starts``."""
