@@ -6,7 +6,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import linear, options, packing, run
+from benchmarks import griffin, linear, options, packing, run
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
@@ -102,6 +102,26 @@ class BenchmarkHarnessTest(absltest.TestCase):
       self.assertIn("MinGRU default ÷ hk_rnn_gru_fused:", table)
       self.assertIn("MinGRU default ÷ min_gru_step:", table)
       self.assertTrue(os.path.exists(os.path.join(out, "linear.json")))
+
+  def test_tiny_griffin_run_in_separate_processes(self):
+    with tempfile.TemporaryDirectory() as out:
+      griffin.main(
+        [
+          "--tiny",
+          "--contenders=griffin,gru",
+          "--processes=1",
+          "--calls=1",
+          f"--out={out}",
+        ]
+      )
+      with open(os.path.join(out, "griffin.md")) as file:
+        table = file.read()
+      self.assertIn("| griffin |", table)
+      self.assertIn("| gru | ", table)
+      self.assertIn("griffin ÷ gru:", table)
+      self.assertIn("CPU:", table)
+    report = griffin.one_process("rglru", 2, 16, 8, calls=1)
+    self.assertGreater(report["median_s"], 0)
 
   def test_unknown_case_is_an_error_naming_the_flag(self):
     with self.assertRaises(SystemExit):
