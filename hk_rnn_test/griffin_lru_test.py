@@ -345,6 +345,27 @@ class RNNFeaturesTest(parameterized.TestCase):
       np.concatenate(outputs, 1), want_outputs, rtol=1e-5, atol=1e-5
     )
 
+  def test_griffin_lengths_and_an_initial_carry_whole_sequence_equals_step(
+    self,
+  ):
+    # One sequence per row: the convolution's first taps read the initial
+    # carry's history (no reset step marks the rows' starts).
+    params, x, carry, _, _ = _setup("griffin")
+    x = jnp.nan_to_num(x)
+    lengths = jnp.array([7, 5, 3, 0])
+
+    def forward(x, carry, fused):
+      return hk_rnn.RNN(_make_cell("griffin"), fused=fused)(
+        x, seq_lengths=lengths, initial_carry=carry
+      )
+
+    apply = jax.jit(test_utils.transform(forward).apply, static_argnums=3)
+    fused, stepped = (apply(params, x, carry, f) for f in (True, False))
+    test_utils.tree_allclose(self, fused, stepped)
+    ids = np.asarray((np.arange(7)[None] < lengths[:, None]), np.int32)
+    want_final, want_y, _ = reference("griffin", params, x, ids, carry)
+    test_utils.tree_allclose(self, fused, (want_final, want_y))
+
   @parameterized.parameters(*KINDS)
   def test_max_segments_gives_each_segments_carry(self, kind):
     # The whole-sequence path's carries after every step (the step path's

@@ -39,8 +39,8 @@ def bounded_sqrt(x: Array) -> Array:
   ``√(1 − a²)`` reaches it when ``a → 1``, which in low precision gives NaN
   gradients. The value is the exact square root.
 
-  >>> float(jax.grad(bounded_sqrt)(0.0))
-  1000.0
+  >>> round(float(jax.grad(bounded_sqrt)(0.0)))
+  1000
   """
   return jnp.sqrt(x)
 
@@ -101,9 +101,11 @@ class BlockDiagonalLinear(hk.Module):
       "w", (heads, size, size), self.param_dtype, init=self.w_init
     )
     b = hk.get_parameter("b", (heads, size), self.param_dtype, init=jnp.zeros)
+    w, b = w.astype(inputs.dtype), b.astype(inputs.dtype)
+    if heads == 1:  # one plain GEMM: XLA:CPU's fast path
+      return inputs @ w[0] + b[0]
     blocks = inputs.reshape((*inputs.shape[:-1], heads, size))
-    outputs = jnp.einsum("...hi,hij->...hj", blocks, w.astype(inputs.dtype))
-    outputs = outputs + b.astype(inputs.dtype)
+    outputs = jnp.einsum("...hi,hij->...hj", blocks, w) + b
     return outputs.reshape(inputs.shape)
 
 
@@ -272,36 +274,25 @@ def _segment_taps(u, initial_history, reset_history, reset):
   Returns a list of ``K`` arrays ``(T, B, L)``, tap 0 (the step itself)
   first.
   """
-  time, batch = u.shape[:2]
+  time = u.shape[0]
   depth = initial_history.shape[1]
+  # The row's history, then its steps: tap j is this shifted by j steps.
+  extended = jnp.concatenate([jnp.swapaxes(initial_history, 0, 1), u])
+  taps = [
+    extended[depth - lag : depth - lag + time] for lag in range(depth + 1)
+  ]
+  if reset is None or not depth:
+    return taps
   steps = jnp.arange(time)[:, None]
-  if reset is None:
-    since = jnp.broadcast_to(steps, (time, batch))
-    from_reset = None
-  else:
-    last = lax.cummax(jnp.where(reset, steps, -1), axis=0)
-    since = steps - jnp.maximum(last, 0)
-    from_reset = (last >= 0)[..., None]
-
-  def history(entry):
-    if from_reset is None:
-      return initial_history[:, entry]
-    return jnp.where(
-      from_reset, reset_history[:, entry], initial_history[:, entry]
-    )
-
-  taps = [u]
+  last = lax.cummax(jnp.where(reset, steps, -1), axis=0)
+  since = (steps - last)[..., None]  # steps since the segment's reset
+  started = (last >= 0)[..., None]  # the segment started at a reset
   for lag in range(1, depth + 1):
-    shifted = jnp.concatenate(
-      [jnp.zeros((min(lag, time), *u.shape[1:]), u.dtype), u[: time - lag]]
-    )
-    # A tap that reaches `lag - since` steps before the segment's start
-    # reads the history entry `depth - (lag - since)`.
-    tap = shifted
+    # A tap that reaches `lag - since` steps before the reset reads the
+    # reset history's entry `depth - (lag - since)`.
     for entry in range(depth - lag, depth):
-      reaches = (since == entry - depth + lag)[..., None]
-      tap = jnp.where(reaches, history(entry), tap)
-    taps.append(tap)
+      reaches = started & (since == entry - depth + lag)
+      taps[lag] = jnp.where(reaches, reset_history[:, entry], taps[lag])
   return taps
 
 
@@ -511,26 +502,24 @@ class GriffinCell(min_cells.ParallelCellBase):
     outputs = self._output(lru_outputs, y, dtype)
     if valid is not None:
       outputs = jnp.where(valid[..., None], outputs, jnp.zeros((), dtype))
-    # The history after step t: taps K−2, ..., 0 at t, oldest first.
-    histories = jnp.stack(taps[-2::-1], axis=-2) if len(taps) > 1 else None
-
-    def history_after(step):
-      if histories is None:
-        return jnp.zeros_like(initial_history)
-      return histories[step, jnp.arange(batch)]
-
-    if valid is None:
-      final_history = history_after(jnp.full((batch,), time - 1))
-    else:
+    # The history after step t is taps K−2, ..., 0 at t, oldest first; the
+    # final one is read at each row's last valid step.
+    rows = jnp.arange(batch)
+    last = jnp.full((batch,), time - 1)
+    if valid is not None:
       count = valid.sum(axis=0)
+      last = jnp.maximum(count - 1, 0)
+    final_history = jnp.stack(
+      [tap[last, rows] for tap in taps[-2::-1]], axis=-2
+    ).reshape(initial_history.shape)
+    if valid is not None:
       final_history = jnp.where(
-        (count > 0)[:, None, None],
-        history_after(jnp.maximum(count - 1, 0)),
-        initial_history.astype(dtype),
+        (count > 0)[:, None, None], final_history, initial_history.astype(dtype)
       )
     final = (final_history.astype(initial_history.dtype), final_h)
     if not return_step_carries:
       return final, outputs
-    if histories is None:
-      histories = jnp.zeros((time, *initial_history.shape), dtype)
+    histories = jnp.stack(taps[-2::-1], axis=-2).reshape(
+      (time, *initial_history.shape)
+    )
     return final, outputs, (histories, lru[2])
