@@ -65,6 +65,35 @@ class AddingProblemTest(absltest.TestCase):
       self.assertEqual(plot.returncode, 0, plot.stderr[-5000:])
       self.assertTrue(os.path.exists(png))
 
+  def test_griffin_and_min_gru_in_residual_blocks_run(self):
+    for cell in ("griffin", "min_gru"):
+      with tempfile.TemporaryDirectory() as tmp:
+        process = examples_test.run_trainer(
+          "adding_problem",
+          *_TINY_FLAGS,
+          f"--cell={cell}",
+          "--block",
+          "--num_steps=4",
+          f"--output_dir={tmp}",
+        )
+        self.assertEqual(process.returncode, 0, process.stderr[-5000:])
+        self.assertIn(f"{cell}: held-out MSE", process.stderr)
+
+  def test_char_lm_griffin_blocks_run(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      process = examples_test.run_trainer(
+        "char_lm",
+        *examples_test._TINY_FLAGS["char_lm"],  # noqa: SLF001
+        "--cell=griffin",
+        "--num_steps=4",
+        "--eval_every=2",
+        "--sample_length=8",
+        f"--output_dir={tmp}",
+      )
+      self.assertEqual(process.returncode, 0, process.stderr[-5000:])
+      self.assertIn("Held-out", process.stderr)
+      self.assertTrue(os.path.exists(os.path.join(tmp, "sample.txt")))
+
 
 if __name__ == "__main__":
   absltest.main()

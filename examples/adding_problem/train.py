@@ -1,4 +1,4 @@
-r"""The adding problem over long, padded sequences: MinGRU against the GRU.
+r"""The adding problem over long, padded sequences: linear recurrences against the GRU.
 
 The adding problem (Hochreiter & Schmidhuber, 1997): every step of a row
 holds two channels, a value drawn uniformly from [0, 1] and a marker that is
@@ -17,9 +17,13 @@ excluded), so runs with different cells compare by wall time:
   python -m examples.adding_problem.train --cell=min_gru --output_dir=runs/adding_min_gru
   python -m examples.adding_problem.plot runs/adding_gru runs/adding_min_gru
 
-`--cell=min_gru` and `min_lstm` run the whole sequence as a linear
-recurrence (no matrix product per step); `gru` and `lstm` in hk_rnn's fused
-kernels.
+`--cell=min_gru`, `min_lstm` and `griffin` (Griffin's recurrent block,
+`hk_rnn.GriffinCell`) run the whole sequence as a linear recurrence (no
+matrix product per step); `gru` and `lstm` in hk_rnn's fused kernels.
+`--block` wraps each layer in the papers' residual block (a norm, the
+recurrent layer, a gated MLP, residual connections):
+
+  python -m examples.adding_problem.train --cell=griffin --block --output_dir=runs/adding_griffin
 """
 
 import time
@@ -31,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import hk_rnn
-from examples.common import parallel, training
+from examples.common import blocks, parallel, training
 
 training.define_flags(
   output_dir="runs/adding_problem",
@@ -48,8 +52,17 @@ CELLS = {
   "lstm": hk_rnn.LSTMCell,
   "min_gru": hk_rnn.MinGRUCell,
   "min_lstm": hk_rnn.MinLSTMCell,
+  "griffin": hk_rnn.GriffinCell,
 }
 _CELL = flags.DEFINE_enum("cell", "min_gru", list(CELLS), "The recurrent cell.")
+_BLOCK = flags.DEFINE_bool(
+  "block",
+  False,
+  "Stack the papers' residual blocks (RMSNorm, the recurrent layer, a gated "
+  "MLP, residual connections; examples/common/blocks.py) and read the "
+  "answer from each row's last output, instead of plain stacked layers "
+  "read from the last carry.",
+)
 _SEQ_LENGTH = flags.DEFINE_integer(
   "seq_length", 512, "The longest row (rows are 1/2 to 1 of it).", lower_bound=4
 )
@@ -97,7 +110,19 @@ def make_batch(rng: np.random.Generator, size: int, seq_length: int) -> dict:
 
 
 def forward(batch):
-  """Predicted sums `(batch,)`: a linear readout of the last layer's carry."""
+  """Predicted sums `(batch,)`: a linear readout of the last layer's carry,
+  or with `--block` of the last block's output at each row's last step."""
+  if _BLOCK.value:
+    _, outputs = blocks.residual_stack(
+      batch["inputs"],
+      lambda layer: CELLS[_CELL.value](_HIDDEN_SIZE.value),
+      num_layers=_NUM_LAYERS.value,
+      width=_HIDDEN_SIZE.value,
+      seq_lengths=batch["lengths"],
+    )
+    rows = jnp.arange(outputs.shape[0])
+    last = outputs[rows, jnp.maximum(batch["lengths"] - 1, 0)]
+    return hk.Linear(1, name="readout")(last)[:, 0]
   layers = [
     hk_rnn.RNN(CELLS[_CELL.value](_HIDDEN_SIZE.value))
     for _ in range(_NUM_LAYERS.value)

@@ -18,6 +18,11 @@ time (no download). `--text_path` takes any UTF-8 file instead.
 
   python -m examples.char_lm.train
   python -m examples.char_lm.train --text_path=book.txt --num_steps=5000
+  python -m examples.char_lm.train --cell=griffin --output_dir=runs/char_lm_griffin
+
+`--cell=griffin` trains Griffin's residual blocks instead of the LSTM (the
+RG-LRU's carry and the convolution's last inputs stream across windows the
+same way).
 """
 
 import functools
@@ -33,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import hk_rnn
-from examples.common import parallel, training
+from examples.common import blocks, parallel, training
 
 training.define_flags(
   output_dir="runs/char_lm",
@@ -71,11 +76,19 @@ _SEQ_LENGTH = flags.DEFINE_integer(
   "Truncated-BPTT window: characters per row per step.",
   lower_bound=1,
 )
+_CELL = flags.DEFINE_enum(
+  "cell",
+  "lstm",
+  ["lstm", "griffin"],
+  "lstm: stacked LSTM layers; griffin: Griffin's residual blocks "
+  "(hk_rnn.GriffinCell inside RMSNorm, a gated MLP and residual "
+  "connections, examples/common/blocks.py; --dropout does not apply).",
+)
 _NUM_LAYERS = flags.DEFINE_integer(
-  "num_layers", 2, "Stacked LSTM layers.", lower_bound=1
+  "num_layers", 2, "Stacked recurrent layers (or blocks).", lower_bound=1
 )
 _HIDDEN_SIZE = flags.DEFINE_integer(
-  "hidden_size", 128, "LSTM units per layer.", lower_bound=1
+  "hidden_size", 128, "Units per layer (the blocks' width).", lower_bound=1
 )
 _EMBED_SIZE = flags.DEFINE_integer(
   "embed_size", 64, "Character embedding size.", lower_bound=1
@@ -190,6 +203,21 @@ def forward(tokens, carry, is_training, *, vocab_size):
     `(logits (batch, time, vocab_size), carry)`.
   """
   x = hk.Embed(vocab_size, _EMBED_SIZE.value)(tokens)
+  # A carry passed in continues each row's stream: no step of this window
+  # starts a sequence (what GriffinCell's RG-LRU treats differently).
+  continues = None
+  if carry is not None:
+    continues = jnp.ones(tokens.shape[:1], jnp.int32)
+  if _CELL.value == "griffin":
+    carry, x = blocks.residual_stack(
+      x,
+      lambda layer: hk_rnn.GriffinCell(_HIDDEN_SIZE.value),
+      num_layers=_NUM_LAYERS.value,
+      width=_HIDDEN_SIZE.value,
+      initial_carry=carry,
+      initial_segment_ids=continues,
+    )
+    return hk.Linear(vocab_size, name="logits")(x), carry
   stack = hk_rnn.StackedRNN(
     [
       hk_rnn.RNN(hk_rnn.LSTMCell(_HIDDEN_SIZE.value, name=f"lstm_{layer}"))
@@ -212,9 +240,11 @@ def make_loss_fn(model):
 
   def loss_fn(params, carry, batch, rng):
     # A stream that wraps around to its start begins again from a zero carry.
-    carry = jax.tree.map(
-      lambda c: jnp.where(batch["reset"][:, None], jnp.zeros_like(c), c), carry
-    )
+    def restart(c):
+      reset = batch["reset"].reshape((-1,) + (1,) * (c.ndim - 1))
+      return jnp.where(reset, jnp.zeros_like(c), c)
+
+    carry = jax.tree.map(restart, carry)
     logits, carry = model.apply(params, rng, batch["inputs"], carry, True)
     loss = cross_entropy(logits, batch["targets"]).mean()
     return loss, (carry, {"bpc": loss / math.log(2)})
