@@ -468,7 +468,11 @@ class RNN(hk.Module):
         every other segment (at the chunk's start or in its middle) starts
         from the cell's own initial carry. Without it every segment starts
         from ``initial_carry``, one in the middle of the chunk included. Not
-        with ``reverse``.
+        with ``reverse``. For cells that treat a sequence's first step
+        differently (``cell.takes_segment_starts``: ``RGLRUCell``,
+        ``GriffinCell``), a row's first step is such a first step unless it
+        continues the incoming carry, so streaming them needs this argument
+        (with no mask, any value makes every row continue).
       max_segments: return the carry of every segment instead of each row's
         last: with an int K every leaf of the returned carry gains an axis
         of size K after the batch axes, ``(*batch, K, ...)``. Slot k holds
