@@ -21,7 +21,8 @@ def curve(run_dir: str) -> tuple[str, list[float], list[float]]:
   """The run's cell and its (training seconds, held-out MSE) points."""
   with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
     config = json.load(f)
-  label = f"{config['cell']} (T={config['seq_length']})"
+  blocks = " in residual blocks" if config.get("block") else ""
+  label = f"{config['cell']}{blocks} (T={config['seq_length']})"
   records = metrics.read_records(os.path.join(run_dir, "metrics.jsonl"))
   evals = [r for r in records if r["split"] == "eval"]
   return label, [r["train_seconds"] for r in evals], [r["mse"] for r in evals]
