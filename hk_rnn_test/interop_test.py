@@ -279,6 +279,50 @@ class TorchTest(parameterized.TestCase):
           loaded[name]["w_h"], weights[f"weight_hh_l{layer}{suffix}"].numpy().T
         )
 
+  def test_a_model_holding_an_lstm_names_what_to_pass(self):
+    import torch
+
+    class RNNModel(torch.nn.Module):  # PyTorch's word_language_model's shape
+      def __init__(self, lstm):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(10, INPUTS)
+        self.rnn = lstm
+        self.decoder = torch.nn.Linear(HIDDEN, 10)
+
+    lstm = self._module("LSTM", {}, 2, True, True)
+    model = RNNModel(lstm)
+    stack, _ = _stack(HK_RNN_CELL["LSTM"], 2, True)
+    params = stack.init(jax.random.PRNGKey(1), _inputs(), LENGTHS)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^from_torch: source must be a torch.nn.LSTM, GRU or RNN or a state "
+      r"dict, got RNNModel; it holds an nn.LSTM at 'rnn': pass that module, "
+      r"from_torch\(source.rnn, params\), or its state dict under its prefix, "
+      r"from_torch\(source.state_dict\(\), params, prefix='rnn.'\)$",
+    ):
+      hk_rnn.interop.from_torch(model, params)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^to_torch: module must be a torch.nn.LSTM, GRU or RNN, got RNNModel; "
+      r"it holds an nn.LSTM at 'rnn': pass that module, "
+      r"to_torch\(params, module.rnn\)$",
+    ):
+      hk_rnn.interop.to_torch(params, model)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"from_torch: the state dict holds no weight_ih_l0 under prefix '' .*; "
+      r"it holds one under prefix='rnn.'$",
+    ):
+      hk_rnn.interop.from_torch(model.state_dict(), params)
+    # What the messages say works, and gives the module's own weights.
+    test_utils.tree_allclose(
+      self,
+      hk_rnn.interop.from_torch(model.state_dict(), params, prefix="rnn."),
+      hk_rnn.interop.from_torch(model.rnn, params),
+      atol=0,
+      rtol=0,
+    )
+
   def test_mismatches(self):
     import torch
 

@@ -359,8 +359,8 @@ def _error_cases():
       "padding_inside",
       x,
       {"segmentation_mask": np.array([[1, 1, 0, 1, 0, 0]] + [[1] * TIME] * 2)},
-      r"padding \(0\) must only sit at the end of a row; got row \(0,\) = "
-      r"\[1, 1, 0, 1, 0, 0\] \(padding at step 2, then id 1 at step 3\)",
+      r"padding \(0\) must only sit at the end of a row; got row \(0,\): "
+      r"padding at step 2, then id 1 at step 3 \(1 of 3 rows\)",
     ),
     (
       "negative_id",

@@ -429,10 +429,21 @@ def _torch_layers(state: Mapping[str, Any], prefix: str, mode: str | None):
       found[(int(match[2]), bool(match[3]))][match[1]] = value
   if not found:
     sample = ", ".join(list(map(str, state))[:4])
+    prefixes = [
+      key[: -len("weight_ih_l0")]
+      for key in state
+      if isinstance(key, str) and key.endswith("weight_ih_l0")
+    ]
+    hint = (
+      f"; it holds one under prefix={prefixes[0]!r}"
+      + (f" (and {len(prefixes) - 1} more)" if len(prefixes) > 1 else "")
+      if prefixes
+      else ""
+    )
     raise ValueError(
       f"{context}: the state dict holds no weight_ih_l0 under prefix "
       f"{prefix!r} (torch's key prefix, dot included); its keys begin "
-      f"{sample}"
+      f"{sample}{hint}"
     )
   num_layers = max(layer for layer, _ in found) + 1
   bidirectional = any(reverse for _, reverse in found)
@@ -491,6 +502,42 @@ def _torch_layers(state: Mapping[str, Any], prefix: str, mode: str | None):
   return layers
 
 
+def _torch_submodules_hint(torch, model, call, state_dict_call=None) -> str:
+  """Where ``model`` (any torch module) holds its recurrent layers, if any.
+
+  A model that holds an ``nn.LSTM`` (PyTorch's ``word_language_model``
+  keeps it at ``model.rnn``) converts through that submodule; ``call`` and
+  ``state_dict_call`` spell the call for a submodule's attribute path and
+  for a state-dict prefix.
+  """
+  if not isinstance(model, torch.nn.Module):
+    return ""
+  found = [
+    (name, type(child).__name__)
+    for name, child in model.named_modules()
+    if name and isinstance(child, torch.nn.RNNBase)
+  ]
+  if not found:
+    return ""
+
+  def attribute_path(name):
+    parts = name.split(".")
+    if all(part.isidentifier() for part in parts):
+      return "." + name
+    return f".get_submodule({name!r})"
+
+  held = ", ".join(f"an nn.{kind} at '{name}'" for name, kind in found)
+  name = found[0][0]
+  hint = f"; it holds {held}: pass that module, {call(attribute_path(name))}"
+  if state_dict_call is not None:
+    hint += (
+      f", or its state dict under its prefix, {state_dict_call(name + '.')}"
+    )
+  if len(found) > 1:
+    hint += ", one recurrent module at a time"
+  return hint
+
+
 def from_torch(
   source: Any, params: Params, *, prefix: str = ""
 ) -> dict[str, dict[str, Any]]:
@@ -543,6 +590,14 @@ def from_torch(
     raise ValueError(
       f"{context}: source must be a torch.nn.LSTM, GRU or RNN or a state "
       f"dict, got {type(source).__name__}"
+      + _torch_submodules_hint(
+        torch,
+        source,
+        lambda path: f"from_torch(source{path}, params)",
+        lambda prefix: (
+          f"from_torch(source.state_dict(), params, prefix={prefix!r})"
+        ),
+      )
     )
   if getattr(source, "proj_size", 0) > 0:
     raise ValueError(
@@ -580,6 +635,9 @@ def to_torch(params: Params, module: Any) -> Any:
     raise ValueError(
       f"{context}: module must be a torch.nn.LSTM, GRU or RNN, got "
       f"{type(module).__name__}"
+      + _torch_submodules_hint(
+        torch, module, lambda path: f"to_torch(params, module{path})"
+      )
     )
   if getattr(module, "proj_size", 0) > 0:
     raise ValueError(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import haiku as hk
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
-from hk_rnn._src import dropout, sequences
+from hk_rnn._src import dropout, packing, sequences
 
 Array = jax.Array
 Carry = Any
@@ -571,6 +572,7 @@ class Layout:
 
   @classmethod
   def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
+    _check_one_array(inputs, context)
     shape = np.shape(inputs)
     dtype = jnp.result_type(inputs)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -624,6 +626,44 @@ class Layout:
     )
 
 
+def _check_one_array(inputs: Any, context: str) -> None:
+  """Refuses what is not one array of steps, saying what to pass instead."""
+  if isinstance(inputs, packing.PackedSequences):
+    raise ValueError(
+      f"{context}: inputs is a PackedSequences; pass its arrays, and its "
+      "slot count for one carry per sequence: (packed.inputs, "
+      "packed.segmentation_mask, max_segments=packed.max_segments)"
+    )
+  if isinstance(inputs, (list, tuple)):
+    raise ValueError(
+      f"{context}: inputs must be one array (*batch, time, *features), got "
+      f"a {type(inputs).__name__} of {len(inputs)} items; for sequences of "
+      "different lengths, pad them to one length and pass seq_lengths (or "
+      "a segmentation_mask), or pack them with hk_rnn.pack_sequences and "
+      "pass packed.inputs, packed.segmentation_mask"
+    )
+
+
+class InitialCarryMismatch(ValueError):
+  """An ``initial_carry`` that does not fit; wrappers add their own context."""
+
+
+def describe_carry(carry: Any) -> str:
+  """What a user passed as a carry, for errors: ``a tuple of 2``, ..."""
+  if isinstance(carry, (tuple, list)):
+    return f"a {type(carry).__name__} of {len(carry)}"
+  return f"a single array of shape {tuple(np.shape(carry))}"
+
+
+@contextlib.contextmanager
+def initial_carry_context(context: str, what: str) -> Iterator[None]:
+  """Prefixes an inner module's ``InitialCarryMismatch`` with ``context``."""
+  try:
+    yield
+  except InitialCarryMismatch as error:
+    raise InitialCarryMismatch(f"{context}: {what}: {error}") from None
+
+
 def check_initial_carry(
   cell: cells_lib.RNNCellBase, initial_carry: Carry, layout, context: str
 ) -> Carry:
@@ -641,12 +681,12 @@ def check_initial_carry(
   got = [tuple(np.shape(leaf)) for leaf in leaves]
   want = [tuple(leaf.shape) for leaf in expected_leaves]
   if tree != expected_tree:
-    raise ValueError(
+    raise InitialCarryMismatch(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs: {_structure_mismatch(cell, expected, initial_carry)}"
     )
   if got != want:
-    raise ValueError(
+    raise InitialCarryMismatch(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs, shapes {jax.tree.unflatten(expected_tree, want)}; got "
       f"{jax.tree.unflatten(tree, got)}"
