@@ -71,8 +71,9 @@ class LinearRecurrentCell(cells.RNNCellBase):
     recurrent_dropout_rate: must be 0: there is no recurrent weight to drop
       into (a ``ValueError`` otherwise).
     scan_method: the form of the whole-sequence recurrence: ``"auto"`` (the
-      rule of ``linear_scan.choose_method`` in ``hk_rnn/_src``: the sequential
-      loop on CPU, the associative scan on accelerators), or one of
+      sequential loop on CPU, the associative scan on GPUs and TPUs; the
+      forms, the rule and its measurements are in the
+      :doc:`parallel cells guide </parallel_cells>`), or one of
       ``"sequential"``, ``"chunked"``, ``"associative"`` to force it. All
       give the same numbers up to rounding.
     name: the module name.

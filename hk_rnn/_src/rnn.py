@@ -366,7 +366,9 @@ class RNN(hk.Module):
       dropout_sampling: how the recurrent dropout mask reaches each step:
         ``"once"`` samples it before the scan and closes over it,
         ``"per_step"`` regenerates the same mask inside every step from a
-        fixed key. Same numbers and cost (docs/speed.md).
+        fixed key. Same numbers and cost (measured in the
+        :doc:`speed guide </speed>`, "What remat and dropout sampling
+        cost").
       name: the module name.
     """
     super().__init__(name=name)
