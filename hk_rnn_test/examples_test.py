@@ -134,8 +134,8 @@ def run_trainer(name, *args, num_devices=None, sigterm_at_step=None):
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
   env.pop("XLA_FLAGS", None)
-  for name in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
-    env.pop(name, None)
+  for variable in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+    env.pop(variable, None)
   env["HOME"] = _unwritable_home()
   if num_devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"

@@ -129,10 +129,11 @@ class StackedRNN(hk.Module):
       ``(carries, outputs)`` with one carry per layer, or ``outputs`` alone
       without ``return_carry``.
     """
+    count = len(self.layers)
     per_layer = (
-      f"initial_carry takes one entry per layer ({len(self.layers)} "
-      "layers: None for a layer's own, a (forward, backward) pair for a "
-      "Bidirectional layer)"
+      f"initial_carry takes one entry per layer ({count} "
+      f"layer{'s' if count != 1 else ''}: None for a layer's own, a "
+      "(forward, backward) pair for a Bidirectional layer)"
     )
     if initial_carry is None:
       initial_carry = (None,) * len(self.layers)
