@@ -12,7 +12,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src import fused
+from hk_rnn._src.kernels import dispatch
 from hk_rnn_test import test_utils
 
 FEATURES, INPUTS = 5, 3
@@ -460,12 +460,12 @@ class SegmentCarriesTest(parameterized.TestCase):
   @parameterized.parameters("lstm", "gru", "mgu", "simple")
   def test_packed_rows_run_in_the_fused_kernel(self, kind):
     name = {"lstm": "lstm", "gru": "gru", "mgu": "mgu", "simple": "simple"}
-    kernel = getattr(fused, f"{name[kind]}_sequence")
+    kernel = getattr(dispatch, f"{name[kind]}_sequence")
     inputs, ids = _inputs(), jnp.asarray(IDS)
     model = _forward(kind)
     params = model.init(jax.random.PRNGKey(0), inputs, ids)
     with absltest.mock.patch.object(
-      fused, kernel.__name__, wraps=kernel
+      dispatch, kernel.__name__, wraps=kernel
     ) as spy:
       model.apply(params, inputs, ids, max_segments=SLOTS)
     spy.assert_called_once()

@@ -301,7 +301,7 @@ class MinGRUCell(LinearRecurrentCell):
     One product per block of the weights, rather than splitting one product's
     columns: on XLA:CPU elementwise kernels (the gates' σ above all) over
     column slices of an array run several times slower than over whole
-    arrays (see ``fused.py``).
+    arrays (see :mod:`hk_rnn._src.kernels.gates`).
     """
     width = self._blocks * self.features
     w_i = self._parameter("w_i", (inputs.shape[-1], width), self.w_i_init)

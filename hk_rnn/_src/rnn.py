@@ -14,6 +14,7 @@ import numpy as np
 
 from hk_rnn._src import cells as cells_lib
 from hk_rnn._src import dropout, packing, sequences
+from hk_rnn._src.kernels import dispatch
 
 Array = jax.Array
 Carry = Any
@@ -109,6 +110,8 @@ def scan_cell(
       recurrent_mask=_resolve_mask(recurrent_mask),
       **options,
     )
+    if result is None:
+      dispatch.record_step_scan("the cell has no whole-sequence kernel")
     if result is None or not step_carries:
       return result
     final_carry, outputs, carries = result
@@ -118,6 +121,10 @@ def scan_cell(
   result = None
   if kernel is not None and remat is None:
     result = kernel(inputs, initial_carry, valid, reset)
+  elif not fused:
+    dispatch.record_step_scan("fused=False")
+  elif remat == "step":
+    dispatch.record_step_scan("remat='step'")
   if result is None:
     result = _step_scan(
       cell,
@@ -494,22 +501,23 @@ class RNN(hk.Module):
         packed = True
         reset_carry = self.cell.initialize_carry(sample)
     inputs, recurrent_mask = self._dropout(sample, inputs, is_training)
-    final_carry, outputs = scan_cell(
-      self.cell,
-      inputs,
-      initial_carry,
-      ids,
-      packed=packed,
-      reverse=reverse,
-      keep_order=keep_order,
-      recurrent_mask=recurrent_mask,
-      unroll=self.unroll,
-      fused=self.fused,
-      remat=self.remat,
-      reset_carry=reset_carry,
-      continued=continued,
-      max_segments=max_segments,
-    )
+    with dispatch.call_site(self.module_name, self.cell):
+      final_carry, outputs = scan_cell(
+        self.cell,
+        inputs,
+        initial_carry,
+        ids,
+        packed=packed,
+        reverse=reverse,
+        keep_order=keep_order,
+        recurrent_mask=recurrent_mask,
+        unroll=self.unroll,
+        fused=self.fused,
+        remat=self.remat,
+        reset_carry=reset_carry,
+        continued=continued,
+        max_segments=max_segments,
+      )
     outputs = layout.from_scan(outputs)
     if not return_carry:
       return outputs
