@@ -251,6 +251,7 @@ def _flax(cell_name: str):
     cell_class = getattr(nn, cell_name)
     if _FLAX_CELLS[cell_name] != case.cell:
       return f"computes a {_FLAX_CELLS[cell_name]}"
+
     class Model(nn.Module):
       @nn.compact
       def __call__(self, x, seq_lengths=None):
