@@ -37,6 +37,7 @@ from hk_rnn._src.packing import (
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
 from hk_rnn._src.stacked import StackedRNN
+from hk_rnn._src.xlstm import MLSTMCell, SLSTMCell
 
 __version__ = "0.1.0"
 
@@ -50,10 +51,12 @@ __all__ = (
   "LSTMCell",
   "LinearRecurrentCell",
   "MGUCell",
+  "MLSTMCell",
   "MinGRUCell",
   "MinLSTMCell",
   "PackedSequences",
   "RNNCellBase",
+  "SLSTMCell",
   "SimpleCell",
   "StackedRNN",
   "explain",

@@ -7,10 +7,26 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import linear, method, options, packing, run
+from benchmarks import linear, method, options, packing, run, xlstm
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
+  def test_tiny_xlstm_run_times_each_contender_in_its_own_process(self):
+    with tempfile.TemporaryDirectory() as out:
+      results = xlstm.main(
+        [
+          "--tiny",
+          "--processes=1",
+          "--calls=1",
+          "--contenders=slstm_fused,lstm_fused",
+          f"--out={out}",
+        ]
+      )
+      self.assertEqual(set(results), {"slstm_fused", "lstm_fused"})
+      with open(os.path.join(out, "xlstm.md")) as file:
+        self.assertIn("- slstm_fused / lstm_fused = ", file.read())
+      self.assertTrue(os.path.exists(os.path.join(out, "xlstm.json")))
+
   def test_tiny_run_writes_table_json_and_chart(self):
     with tempfile.TemporaryDirectory() as out:
       run.main(

@@ -332,22 +332,6 @@ class LayoutTest(parameterized.TestCase):
       np.testing.assert_allclose(outputs[n], want_outputs, rtol=1e-5, atol=1e-5)
 
 
-def _loss_of(model):
-  def loss(params, *args, **kwargs):
-    leaves = jax.tree.leaves(model.apply(params, *args, **kwargs))
-    return sum(
-      jnp.sum(jnp.sin(leaf * (1 + n))) for n, leaf in enumerate(leaves)
-    )
-
-  return loss
-
-
-def _value_and_grad(model, params, *args, **kwargs):
-  values = model.apply(params, *args, **kwargs)
-  grads = jax.grad(_loss_of(model))(params, *args, **kwargs)
-  return values, grads
-
-
 class CompositionTest(absltest.TestCase):
   """Bidirectional, StackedRNN, streaming and dropout: fused = stepped."""
 
@@ -372,9 +356,9 @@ class CompositionTest(absltest.TestCase):
     x = _inputs((4, 7, INPUTS), 3)
     params = model.init(jax.random.PRNGKey(0), x, lengths, True)
     results = [
-      jax.jit(functools.partial(_value_and_grad, model), static_argnums=3)(
-        params, x, lengths, fused
-      )
+      jax.jit(
+        functools.partial(test_utils.value_and_grad, model), static_argnums=3
+      )(params, x, lengths, fused)
       for fused in (True, False)
     ]
     test_utils.tree_allclose(self, results[0], results[1])
@@ -478,7 +462,9 @@ class UserCellTest(absltest.TestCase):
     model = test_utils.transform(forward)
     params = model.init(jax.random.PRNGKey(0), x, IDS, True)
     params = jax.tree.map(lambda p: p + _weights(p.shape, 9) * 0.5, params)
-    run = jax.jit(functools.partial(_value_and_grad, model), static_argnums=3)
+    run = jax.jit(
+      functools.partial(test_utils.value_and_grad, model), static_argnums=3
+    )
     fused, stepped = (run(params, x, IDS, f) for f in (True, False))
     test_utils.tree_allclose(self, fused, stepped)
 

@@ -148,3 +148,19 @@ def tree_allclose(test, actual, expected, atol=1e-5, rtol=1e-5):
       atol=atol,
       rtol=rtol,
     )
+
+
+def value_and_grad(model, params, *args, **kwargs):
+  """``model.apply``'s results and the gradient of a loss of all of them.
+
+  The loss, ``Σ_n Σ sin((1 + n) · leaf_n)`` over the result's leaves, weighs
+  every output and carry array differently, so that a wrong leaf shows.
+  """
+
+  def loss(params):
+    leaves = jax.tree.leaves(model.apply(params, *args, **kwargs))
+    return sum(
+      jnp.sum(jnp.sin(leaf * (1 + n))) for n, leaf in enumerate(leaves)
+    )
+
+  return model.apply(params, *args, **kwargs), jax.grad(loss)(params)

@@ -189,18 +189,12 @@ class LinearRecurrentCell(cells.RNNCellBase):
     from ``hk.next_rng_key()``, when ``dropout_rate`` is non-zero. There is
     never a recurrent mask.
     """
-    dtype = self._compute_dtype(sample_inputs.dtype)
-
-    def sample():
-      return dropout.DropoutMasks(
-        dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
-        None,
-      )
-
-    if rng is None:
-      return sample()
-    with hk.with_rng(rng):
-      return sample()
+    return dropout.input_masks(
+      self.dropout_rate,
+      sample_inputs,
+      self._compute_dtype(sample_inputs.dtype),
+      rng,
+    )
 
   def _fused_sequence(
     self,
