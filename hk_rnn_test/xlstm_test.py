@@ -24,16 +24,7 @@ from hk_rnn_test import test_utils
 
 INPUTS, FEATURES, HEADS = 3, 4, 2
 CELLS = {"slstm": hk_rnn.SLSTMCell, "mlstm": hk_rnn.MLSTMCell}
-# Row 0 is full, row 1 packs three segments, row 2 is padded, row 3 empty.
-IDS = np.array(
-  [
-    [1, 1, 1, 1, 1, 1, 1],
-    [1, 1, 2, 2, 2, 3, 0],
-    [4, 4, 4, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0],
-  ],
-  np.int32,
-)
+IDS = test_utils.PACKED_IDS
 
 
 def _sigmoid(x):
@@ -136,15 +127,6 @@ def _random(shape, seed):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def _inputs(shape, seed=0, ids=None):
-  """Normal inputs; NaN and inf at the padded steps of ``ids``."""
-  x = _random(shape, seed)
-  if ids is not None:
-    for n, (row, t) in enumerate(np.argwhere(ids == 0)):
-      x[row, t] = (np.nan, np.inf, -np.inf)[n % 3]
-  return x
-
-
 def _initial_carry(kind, batch, seed):
   """A random carry (``n > 0`` for the sLSTM, as a carry it produced)."""
   size = FEATURES // HEADS
@@ -198,7 +180,7 @@ def _model(kind, fused=True, **rnn_options):
 
 def _setup(kind, ids, seed=0):
   batch, time = ids.shape
-  x = _inputs((batch, time, INPUTS), seed, ids)
+  x = test_utils.inputs_with_bad_padding((batch, time, INPUTS), seed, ids)
   carry = _initial_carry(kind, batch, seed + 1)
   model, _ = _model(kind)
   params = model.init(jax.random.PRNGKey(seed), x, ids, carry)
@@ -403,7 +385,7 @@ class CompositionTest(parameterized.TestCase):
       return stack(x, seq_lengths=lengths)
 
     model = test_utils.transform(forward)
-    x = _inputs((4, 7, INPUTS), 3)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 3)
     params = model.init(jax.random.PRNGKey(0), x, lengths, True)
     params = jax.tree.map(lambda p: p + 0.3 * _random(p.shape, 4), params)
     run = jax.jit(
@@ -423,7 +405,7 @@ class CompositionTest(parameterized.TestCase):
       ],
       np.int32,
     )
-    x = _inputs((3, 12, INPUTS), 4)
+    x = test_utils.inputs_with_bad_padding((3, 12, INPUTS), 4)
 
     def forward(x, ids, initial_carry=None, initial_segment_ids=None):
       cell = CELLS[kind](FEATURES, num_heads=HEADS)
@@ -481,7 +463,7 @@ class CompositionTest(parameterized.TestCase):
       return hk_rnn.RNN(cell, fused=fused)(x, ids, max_segments=3)
 
     model = test_utils.transform(forward)
-    x = _inputs((4, 7, INPUTS), 6, IDS)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 6, IDS)
     params = model.init(jax.random.PRNGKey(0), x, IDS)
     params = jax.tree.map(lambda p: p + 0.3 * _random(p.shape, 6), params)
     carries, _ = jax.jit(model.apply)(params, x, IDS)
@@ -506,7 +488,10 @@ class CompositionTest(parameterized.TestCase):
       )
 
     model = hk.transform(forward)
-    x, lengths = _inputs((3, 6, INPUTS), 5), np.array([6, 3, 0])
+    x, lengths = (
+      test_utils.inputs_with_bad_padding((3, 6, INPUTS), 5),
+      np.array([6, 3, 0]),
+    )
     params = model.init(jax.random.PRNGKey(0), x, lengths, True)
     key = jax.random.PRNGKey(1)
 
@@ -531,9 +516,11 @@ class CompositionTest(parameterized.TestCase):
       return hk_rnn.RNN(cell, time_major=True)(x, ids)
 
     model = test_utils.transform(forward)
-    x = _inputs((4, 7, INPUTS), 7, IDS)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 7, IDS)
     params = model.init(jax.random.PRNGKey(0), x.swapaxes(0, 1), IDS.T)
-    xs = np.stack([x, _inputs(x.shape, 8, IDS)]).swapaxes(1, 2)
+    xs = np.stack(
+      [x, test_utils.inputs_with_bad_padding(x.shape, 8, IDS)]
+    ).swapaxes(1, 2)
     final, outputs = jax.vmap(jax.jit(model.apply), (None, 0, None))(
       params, xs, IDS.T
     )
