@@ -7,7 +7,8 @@ packs variable-length sequences into rows and :func:`unpack_sequences` /
 :func:`unpack_segments` read each one's outputs and carry back.
 :class:`CoreCell` and :class:`CellCore` adapt Haiku cores and hk_rnn cells
 to each other; :mod:`hk_rnn.interop` converts weights from PyTorch, Flax,
-Keras and Haiku.
+Keras and Haiku. :func:`use_kernels` picks the kernel backends and
+:func:`explain` says which one each recurrent call runs.
 """
 
 from hk_rnn import interop
@@ -22,6 +23,7 @@ from hk_rnn._src.cells import (
 )
 from hk_rnn._src.cores import CellCore, CoreCell
 from hk_rnn._src.griffin import GriffinCell, RGLRUCell
+from hk_rnn._src.kernels.dispatch import explain, use_kernels
 from hk_rnn._src.lru import LRUCell
 from hk_rnn._src.min_cells import (
   LinearRecurrentCell,
@@ -37,6 +39,7 @@ from hk_rnn._src.packing import (
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
 from hk_rnn._src.stacked import StackedRNN
+from hk_rnn._src.xlstm import MLSTMCell, SLSTMCell
 
 __version__ = "0.1.0"
 
@@ -52,17 +55,21 @@ __all__ = (
   "LSTMCell",
   "LinearRecurrentCell",
   "MGUCell",
+  "MLSTMCell",
   "MinGRUCell",
   "MinLSTMCell",
   "PackedSequences",
   "RGLRUCell",
   "RNNCellBase",
+  "SLSTMCell",
   "SimpleCell",
   "StackedRNN",
+  "explain",
   "flip_sequences",
   "interop",
   "last_segment_ids",
   "pack_sequences",
   "unpack_segments",
   "unpack_sequences",
+  "use_kernels",
 )

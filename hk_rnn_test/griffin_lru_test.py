@@ -148,7 +148,7 @@ def reference(kind, params, inputs, ids, initial, *, reverse=False):
 # ----------------------------------------------------------- the models
 
 
-_inputs = test_utils.nan_padded_inputs
+_inputs = test_utils.inputs_with_bad_padding
 
 
 def _real_parts(tree):

@@ -4,8 +4,8 @@ recurrentgemma's ``RGLRU`` becomes an :class:`~hk_rnn.RGLRUCell` and its
 ``RecurrentBlock`` (with the ``Conv1D`` and ``RGLRU`` inside it) a
 :class:`~hk_rnn.GriffinCell`; the two compute the same functions for the
 same weights. Sources and cells are matched one to one, in the order they
-were created, by the rule of ``interop.py`` (names with numbers in numeric
-order).
+were created, by the rule of ``interop.py`` (kept as given unless the keys
+are sorted; then read from the names).
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src.interop import Params, _naming_order
+from hk_rnn._src.interop import (
+  Params,
+  _creation_order,
+  _is_sorted,
+  _is_sorted_tree,
+)
 
 _CONTEXT = "from_recurrentgemma"
 _GATES = ("input_gate", "a_gate")
@@ -132,8 +137,15 @@ def _cell_units(params: Params) -> list[_Unit]:
     if not any(unit.where == f"{g}/~/rg_lru" for g in griffins)
   ]
   found.sort(key=lambda item: item[0])
-  order = _naming_order([tuple(unit.where.split("/")) for _, unit in found])
-  return [found[index][1] for index in order]
+  units = [unit for _, unit in found]
+  order = _creation_order(
+    [tuple(unit.where.split("/")) for unit in units],
+    [_KIND_NAMES[unit.kind] for unit in units],
+    _is_sorted(names),
+    _CONTEXT,
+    "params",
+  )
+  return [units[index] for index in order]
 
 
 def _describe(unit: _Unit, source: bool) -> str:
@@ -193,7 +205,13 @@ def from_recurrentgemma(
     )
   found: list = []
   _source_units(variables, (), found)
-  order = _naming_order([path for path, _ in found])
+  order = _creation_order(
+    [path for path, _ in found],
+    [_KIND_NAMES[unit.kind] for _, unit in found],
+    _is_sorted_tree(variables),
+    _CONTEXT,
+    "the source's variables",
+  )
   sources = [found[index][1] for index in order]
   cells = _cell_units(params)
   if not sources:
