@@ -11,13 +11,13 @@ with ``D = F = width``, at B = 8, T = 4096, width 256 by default, for:
 * ``gru``: ``GRUCell(width)`` with its fused kernel (whatever backend
   ``HK_RNN_KERNELS`` picks: ``auto`` by default), the baseline.
 
-The method: each contender runs in a process of its own, ``--processes``
-(at least 3) per contender, started in alternating order (forwards in even
-rounds, backwards in odd ones); inside a process a warm-up call, then
+The figures follow the project's method (``benchmarks/method.py``): each
+contender runs in processes of its own, ``--processes`` (at least 3) per
+contender in alternating order; inside a process a warm-up call, then
 ``--calls`` timed calls, of which the process reports the median; the
 table gives the median of the processes' medians, their spread, and each
-one's ratio to the GRU's. The run records the CPU model and the load
-average before and after, and warns when the machine was busy. The target
+one's ratio to the GRU's, with the CPU model and the load average before
+and after (and a warning when the machine was busy). The target
 of issue 23: ``griffin`` and ``rglru`` at most 1/3 of ``gru``'s time.
 
 Run (on an otherwise idle machine; several minutes on two cores)::
@@ -34,17 +34,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
-import time
+
+from benchmarks import method
 
 CONTENDERS = ("griffin", "rglru", "min_gru", "gru")
 BASELINE = "gru"
 TARGET = 1 / 3
-BUSY_LOAD_PER_CORE = 0.5
 
 
 def training_step(name: str, batch: int, length: int, width: int):
@@ -91,64 +87,9 @@ def training_step(name: str, batch: int, length: int, width: int):
 def one_process(name: str, batch: int, length: int, width: int, calls: int):
   """Times ``calls`` steps after a warm-up; the report of one process."""
   step, memory_bytes = training_step(name, batch, length, width)
-  step()
-  samples = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    step()
-    samples.append(time.perf_counter() - start)
-  return {
-    "median_s": statistics.median(samples),
-    "min_s": min(samples),
-    "max_s": max(samples),
-    "samples_s": samples,
-    "memory_bytes": memory_bytes,
-  }
-
-
-def cpu_model() -> str:
-  """The CPU's model name as ``lscpu`` reports it, and the core count."""
-  name = "unknown CPU"
-  if shutil.which("lscpu"):
-    listing = subprocess.run(
-      ["lscpu"], capture_output=True, text=True, check=False
-    ).stdout
-    for line in listing.splitlines():
-      if line.startswith("Model name:"):
-        name = line.split(":", 1)[1].strip()
-  return f"{name}, {os.cpu_count()} cores, {platform.system()}"
-
-
-def load_average() -> tuple[float, ...]:
-  return tuple(round(x, 2) for x in os.getloadavg())
-
-
-def measure(commands: dict[str, list[str]], processes: int, log):
-  """Each contender's command ``processes`` times, in alternating order;
-  per contender the median of its processes' medians and their spread.
-
-  The shape of the project's shared method (``benchmarks/method.py``'s
-  ``measure``, where it exists): switching to it changes only this call.
-  """
-  reports = {name: [] for name in commands}
-  names = list(commands)
-  for round_index in range(processes):
-    for name in names if round_index % 2 == 0 else names[::-1]:
-      log(f"  {name}: process {round_index + 1}/{processes}")
-      result = subprocess.run(
-        commands[name], capture_output=True, text=True, check=True
-      )
-      reports[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
-  summary = {}
-  for name, runs in reports.items():
-    medians = [run["median_s"] for run in runs]
-    summary[name] = {
-      "median_s": statistics.median(medians),
-      "process_medians_s": medians,
-      "memory_bytes": runs[0]["memory_bytes"],
-      "reports": runs,
-    }
-  return summary
+  report = method.summarize(method.time_calls(step, calls=calls))
+  report["memory_bytes"] = memory_bytes
+  return report
 
 
 def markdown(results, meta) -> str:
@@ -157,18 +98,12 @@ def markdown(results, meta) -> str:
     "# Griffin's cells: training-step benchmark",
     "",
     f"- date: {meta['date']}",
-    f"- CPU: {meta['cpu']}",
     f"- versions: {meta['versions']}",
     f"- kernels: HK_RNN_KERNELS={meta['kernels']}",
-    f"- load average (1, 5, 15 min) before: {meta['load_before']}, "
-    f"after: {meta['load_after']}",
-    f"- command: `{meta['command']}`",
-    f"- {meta['processes']} processes per contender, alternating order; "
-    f"{meta['calls']} timed calls per process after a warm-up",
+    *meta["header"],
+    f"- {meta['calls']} timed calls per process after a warm-up",
     "",
   ]
-  if meta.get("warning"):
-    lines += [f"**{meta['warning']}**", ""]
   lines += [
     f"B={meta['batch']}, T={meta['time']}, width={meta['width']}. Median "
     "of the processes' medians; spread: the lowest and highest process "
@@ -183,7 +118,7 @@ def markdown(results, meta) -> str:
       if baseline is None
       else f"{result['median_s'] / baseline['median_s']:.3f}"
     )
-    memory = result["memory_bytes"]
+    memory = result.get("memory_bytes")
     lines.append(
       f"| {name} | {result['median_s'] * 1e3:.1f} | "
       f"{min(result['process_medians_s']) * 1e3:.1f}–"
@@ -255,14 +190,9 @@ def main(argv=None) -> None:
   def log(message):
     print(message, file=sys.stderr, flush=True)
 
-  load_before = load_average()
-  warning = None
-  if load_before[0] >= BUSY_LOAD_PER_CORE * (os.cpu_count() or 1):
-    warning = (
-      f"WARNING: the machine was busy when this run started (load "
-      f"{load_before[0]} on {os.cpu_count()} cores): these figures are not "
-      "comparable with idle ones"
-    )
+  load_before = method.load_average()
+  warning = method.busy_warning(load_before)
+  if warning:
     log(warning)
   one = [
     sys.executable,
@@ -273,20 +203,23 @@ def main(argv=None) -> None:
     f"--width={args.width}",
     f"--calls={args.calls}",
   ]
-  results = measure(
-    {name: [*one, f"--one={name}"] for name in names}, args.processes, log
+  results = method.measure(
+    {name: [*one, f"--one={name}"] for name in names},
+    processes=args.processes,
+    log=log,
   )
+  command = " ".join(["python -m benchmarks.griffin", *(argv or sys.argv[1:])])
   meta = {
     "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "cpu": cpu_model(),
+    "cpu": method.cpu_model(),
     "versions": _versions(),
     "kernels": os.environ.get("HK_RNN_KERNELS", "auto"),
     "load_before": load_before,
-    "load_after": load_average(),
-    "warning": warning,
-    "command": " ".join(
-      ["python -m benchmarks.griffin", *(argv or sys.argv[1:])]
+    "load_after": method.load_average(),
+    "header": method.header(
+      command, load_before, method.load_average(), args.processes
     ),
+    "command": command,
     "processes": args.processes,
     "calls": args.calls,
     "batch": args.batch,
