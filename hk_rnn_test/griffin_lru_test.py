@@ -668,23 +668,56 @@ class RecurrentgemmaTest(absltest.TestCase):
       self.skipTest("recurrentgemma (with einops, jaxtyping) is not installed")
     self.layers, self.modules = layers, modules
 
-  def test_recurrent_block_packed_rows(self):
-    batch, time = 2, 9
-    ids = np.array([[1] * 9, [1, 1, 2, 2, 2, 2, 3, 3, 3]], np.int32)
-    position = np.zeros_like(ids)
-    for t in range(1, time):
-      same = ids[:, t] == ids[:, t - 1]
+  # Row 1 packs three documents; recurrentgemma reads them from positions.
+  IDS = np.array([[1] * 9, [1, 1, 2, 2, 2, 2, 3, 3, 3]], np.int32)
+
+  def _positions(self):
+    position = np.zeros_like(self.IDS)
+    for t in range(1, self.IDS.shape[1]):
+      same = self.IDS[:, t] == self.IDS[:, t - 1]
       position[:, t] = np.where(same, position[:, t - 1] + 1, 0)
-    x = jnp.asarray(_inputs((batch, time, WIDTH), 9))
+    return jnp.asarray(position)
+
+  def _variables(self, module, x):
+    variables = module.init(jax.random.key(2), x, self._positions())
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+      lambda v: v + 0.1 * rng.normal(size=v.shape).astype(v.dtype), variables
+    )
+
+  def test_rglru_packed_rows_and_streamed_with_its_cache(self):
+    ids, position = self.IDS, self._positions()
+    x = jnp.asarray(_inputs((*ids.shape, WIDTH), 8))
+    rglru = self.layers.RGLRU(width=WIDTH, num_heads=HEADS)
+    variables = self._variables(rglru, x)
+    model, apply = _plain_model("rglru")
+    params = hk_rnn.interop.from_recurrentgemma(
+      variables, model.init(jax.random.key(0), x, ids)
+    )
+    want_y, want_h = rglru.apply(variables, x, position)
+    h, y = apply(params, x, ids)
+    np.testing.assert_allclose(y, want_y, atol=1e-5)
+    np.testing.assert_allclose(h, want_h, atol=1e-5)
+    # Two chunks; recurrentgemma continues from its cache.
+    first_y, cache = rglru.apply(variables, x[:, :4], position[:, :4])
+    second_y, cache = rglru.apply(
+      variables, x[:, 4:], position[:, 4:], cache=cache
+    )
+    h, first = apply(params, x[:, :4], ids[:, :4])
+    continues = hk_rnn.last_segment_ids(ids[:, :4])
+    h, second = apply(params, x[:, 4:], ids[:, 4:], h, continues)
+    np.testing.assert_allclose(first, first_y, atol=1e-5)
+    np.testing.assert_allclose(second, second_y, atol=1e-5)
+    np.testing.assert_allclose(h, cache, atol=1e-5)
+
+  def test_recurrent_block_packed_rows(self):
+    ids, position = self.IDS, self._positions()
+    x = jnp.asarray(_inputs((*ids.shape, WIDTH), 9))
     block = self.modules.RecurrentBlock(
       width=WIDTH, num_heads=HEADS, conv1d_temporal_width=CONV_WIDTH
     )
-    variables = block.init(jax.random.key(2), x, jnp.asarray(position))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-      lambda v: v + 0.1 * rng.normal(size=v.shape).astype(v.dtype), variables
-    )
-    want_y, cache = block.apply(variables, x, jnp.asarray(position))
+    variables = self._variables(block, x)
+    want_y, cache = block.apply(variables, x, position)
     model, apply = _plain_model("griffin")
     params = hk_rnn.interop.from_recurrentgemma(
       variables, model.init(jax.random.key(0), x, ids)
