@@ -139,6 +139,24 @@ class ExplainTest(_CleanMode):
       ],
     )
 
+  def test_cells_with_their_own_whole_sequence_form_are_listed(self):
+    apply, params = _model(
+      lambda x: (
+        hk_rnn.RNN(hk_rnn.MinGRUCell(4))(x),
+        hk_rnn.RNN(hk_rnn.RGLRUCell(3))(x),
+      )
+    )
+    lines = hk_rnn.explain(apply, params, _X)
+    self.assertEqual(
+      lines,
+      [
+        "rnn (MinGRUCell 'min_gru_cell'): the cell's own whole-sequence "
+        "form (xla)",
+        "rnn_1 (RGLRUCell 'rglru_cell'): the cell's own whole-sequence "
+        "form (xla)",
+      ],
+    )
+
   def test_a_jitted_function_already_traced_is_explained(self):
     apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.MGUCell(4))(x))
     jitted = jax.jit(apply)

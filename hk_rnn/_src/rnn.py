@@ -111,6 +111,7 @@ def scan_cell(
     options = {"return_step_carries": True} if step_carries else {}
     if starts is not None:
       options["segment_starts"] = starts
+    recorded = dispatch.recorded_lines()
     result = cell._fused_sequence(  # noqa: SLF001 - the cell's own kernel
       inputs,
       carry,
@@ -123,6 +124,8 @@ def scan_cell(
     )
     if result is None:
       dispatch.record_step_scan("the cell has no whole-sequence kernel")
+    elif dispatch.recorded_lines() == recorded:
+      dispatch.record_cells_own_kernel()
     if result is None or not step_carries:
       return result
     final_carry, outputs, carries = result

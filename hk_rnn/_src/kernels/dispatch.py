@@ -127,6 +127,21 @@ def _record(line: str) -> None:
     lines.append(f"{_call_site.get() or '(no module)'}: {line}")
 
 
+def recorded_lines() -> int:
+  """How many lines :func:`explain` has collected so far (0: not collecting)."""
+  lines = _explanations.get()
+  return 0 if lines is None else len(lines)
+
+
+def record_cells_own_kernel() -> None:
+  """Records a sequence call the cell computed in its own whole-sequence form.
+
+  For cells whose whole-sequence path does not go through this dispatch
+  (the parallel-in-time cells, a user's cell): it runs in XLA.
+  """
+  _record("the cell's own whole-sequence form (xla)")
+
+
 def record_step_scan(reason: str) -> None:
   """Records a sequence call that steps the cell in ``hk.scan``, and why."""
   _record(f"step scan ({reason})")
