@@ -70,16 +70,34 @@ namespace {
 // ---------------------------------------------------------------------------
 // SIMD vectors of V floats.
 
+// The vector types are spelled out per width: GCC drops a vector_size
+// attribute whose size depends on a template parameter.
+template <int V>
+struct VectorTypes;
+template <>
+struct VectorTypes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef float FU __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct VectorTypes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef float FU __attribute__((vector_size(32), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+
 template <int V>
 struct Simd {
-  typedef float F __attribute__((vector_size(V * 4)));
-  typedef float FU __attribute__((vector_size(V * 4), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(V * 4)));
+  typedef typename VectorTypes<V>::F F;
+  typedef typename VectorTypes<V>::FU FU;
+  typedef typename VectorTypes<V>::I I;
+  static_assert(sizeof(F) == V * sizeof(float), "vector width");
 
   static HK_INLINE F Load(const float* p) { return *(const FU*)p; }
   static HK_INLINE void Store(float* p, F v) { *(FU*)p = v; }
-  // x - 0 folds to a broadcast of x (x + 0 would not: -0 + 0 is +0).
-  static HK_INLINE F Set(float x) { return x - F{}; }
+  // Lane 0 shuffled to every lane: one broadcast instruction.
+  static HK_INLINE F Set(float x) { return __builtin_shuffle(F{x}, I{}); }
   // The first n lanes from p, zero beyond (n < V reads nothing past p + n).
   static HK_INLINE F LoadPart(const float* p, int n) {
     if (n == V) return Load(p);
@@ -116,12 +134,8 @@ struct Simd {
     p = p * r + Set(1.0f);
     p = p * r + Set(1.0f);
     // shifted's low mantissa bits hold n: its bits minus magic's are n.
-    I bits;
-    std::memcpy(&bits, &shifted, sizeof(bits));
-    bits = (bits - 0x4B400000 + 127) << 23;
-    F scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+    const I bits = (((I)shifted) - 0x4B400000 + 127) << 23;
+    return p * (F)bits;  // vector casts reinterpret the bits
   }
   static HK_INLINE F Sigmoid(F x) { return Set(1.0f) / (Set(1.0f) + Exp(-x)); }
   // tanh(x) = 2 sigmoid(2x) - 1, as the XLA engine computes it.
@@ -379,14 +393,16 @@ HK_INLINE void NextHIn(const ForwardArgs& a, int64_t t, int64_t row,
   S::StorePart(a.HIn(t + 1) + i, h, nv);
 }
 
-template <int V>
+// P: the unit group is partial (F is not a multiple of V), nv_in < V.
+template <int V, bool P>
 struct LstmForwardRows {
   const ForwardArgs& a;
   int64_t t, u;
-  int nv;
+  int nv_in;
 
   template <int M>
   HK_INLINE void Run(int64_t m0) const {
+    const int nv = P ? nv_in : V;  // a constant on the full path
     using S = Simd<V>;
     using F = typename S::F;
     const int64_t f = a.d.f, width = 4 * f, col = u * V;
@@ -439,14 +455,16 @@ struct LstmForwardRows {
   }
 };
 
-template <int V>
+// P: the unit group is partial (F is not a multiple of V), nv_in < V.
+template <int V, bool P>
 struct GruForwardRows {
   const ForwardArgs& a;
   int64_t t, u;
-  int nv;
+  int nv_in;
 
   template <int M>
   HK_INLINE void Run(int64_t m0) const {
+    const int nv = P ? nv_in : V;  // a constant on the full path
     using S = Simd<V>;
     using F = typename S::F;
     const int64_t f = a.d.f, width = 3 * f, col = u * V;
@@ -509,10 +527,17 @@ HK_INLINE void ForwardChunk(const ForwardArgs& a, int64_t phase, int64_t u) {
     return;
   }
   const int nv = static_cast<int>(std::min<int64_t>(V, a.d.f - u * V));
+  const int64_t t = phase - 1;
   if (a.gates == 4) {
-    ForRows<MLstm>(a.d.b, LstmForwardRows<V>{a, phase - 1, u, nv});
+    if (nv == V) {
+      ForRows<MLstm>(a.d.b, LstmForwardRows<V, false>{a, t, u, nv});
+    } else {
+      ForRows<MLstm>(a.d.b, LstmForwardRows<V, true>{a, t, u, nv});
+    }
+  } else if (nv == V) {
+    ForRows<MGru>(a.d.b, GruForwardRows<V, false>{a, t, u, nv});
   } else {
-    ForRows<MGru>(a.d.b, GruForwardRows<V>{a, phase - 1, u, nv});
+    ForRows<MGru>(a.d.b, GruForwardRows<V, true>{a, t, u, nv});
   }
 }
 
@@ -541,7 +566,7 @@ void BackwardStart(const BackwardArgs& a, int64_t q) {
 
 // Part A of backward phase s: finishes step s for a chunk's units, given
 // the complete gate cotangents of step s (the GEMM through w_hᵀ).
-template <int V>
+template <int V, bool P>
 struct BackwardFinishRows {
   const BackwardArgs& a;
   int64_t s, q;
@@ -563,28 +588,29 @@ struct BackwardFinishRows {
       const bool valid = !a.valid || a.valid[tb];
       const bool reset = a.reset && a.reset[tb];
       for (int n = 0; n < kBackwardGroups; ++n) {
-        if (nv[n] <= 0) continue;
+        const int nvn = P ? nv[n] : V;
+        if (nvn <= 0) continue;
         const int64_t i = row * f + q * kWidth + n * V;
         if (valid) {
           F d_h_in = acc[m][n];
-          if (a.mask) d_h_in = d_h_in * S::LoadPart(a.mask + i, nv[n]);
+          if (a.mask) d_h_in = d_h_in * S::LoadPart(a.mask + i, nvn);
           F d_h = d_h_in;
-          if (!a.d_c) d_h = d_h + S::LoadPart(a.direct + i, nv[n]);
-          S::StorePart(a.d_h + i, d_h, nv[n]);
-          if (a.d_c) S::StorePart(a.d_c + i, S::LoadPart(a.direct + i, nv[n]), nv[n]);
+          if (!a.d_c) d_h = d_h + S::LoadPart(a.direct + i, nvn);
+          S::StorePart(a.d_h + i, d_h, nvn);
+          if (a.d_c) S::StorePart(a.d_c + i, S::LoadPart(a.direct + i, nvn), nvn);
         }
         if (reset) {
           S::StorePart(a.d_reset_h + i,
-                       S::LoadPart(a.d_reset_h + i, nv[n]) +
-                           S::LoadPart(a.d_h + i, nv[n]),
-                       nv[n]);
-          S::StorePart(a.d_h + i, zero, nv[n]);
+                       S::LoadPart(a.d_reset_h + i, nvn) +
+                           S::LoadPart(a.d_h + i, nvn),
+                       nvn);
+          S::StorePart(a.d_h + i, zero, nvn);
           if (a.d_c) {
             S::StorePart(a.d_reset_c + i,
-                         S::LoadPart(a.d_reset_c + i, nv[n]) +
-                             S::LoadPart(a.d_c + i, nv[n]),
-                         nv[n]);
-            S::StorePart(a.d_c + i, zero, nv[n]);
+                         S::LoadPart(a.d_reset_c + i, nvn) +
+                             S::LoadPart(a.d_c + i, nvn),
+                         nvn);
+            S::StorePart(a.d_c + i, zero, nvn);
           }
         }
       }
@@ -594,7 +620,7 @@ struct BackwardFinishRows {
 
 // Part B of backward phase s: the gate cotangents of step t = s - 1 for a
 // chunk's units, from the state cotangents after it.
-template <int V>
+template <int V, bool P>
 HK_INLINE void BackwardGates(const BackwardArgs& a, int64_t t, int64_t q) {
   using S = Simd<V>;
   using F = typename S::F;
@@ -606,7 +632,7 @@ HK_INLINE void BackwardGates(const BackwardArgs& a, int64_t t, int64_t q) {
     const bool valid = !a.valid || a.valid[tb];
     for (int n = 0; n < kBackwardGroups; ++n) {
       const int64_t col = q * kWidth + n * V;
-      const int nv = static_cast<int>(std::min<int64_t>(V, f - col));
+      const int nv = P ? static_cast<int>(std::min<int64_t>(V, f - col)) : V;
       if (nv <= 0) continue;
       const int64_t i = row * f + col, ti = tb * f + col;
       float* dz = a.d_z + tb * width + col;
@@ -660,14 +686,25 @@ HK_INLINE void BackwardChunk(const BackwardArgs& a, int64_t phase, int64_t q) {
   }
   constexpr int kWidth = kBackwardGroups * V;
   const int64_t s = a.d.t - (phase - 1);
+  const bool partial = (q + 1) * kWidth > a.d.f;
   if (s < a.d.t) {
-    BackwardFinishRows<V> rows{a, s, q, {}};
+    int nv[kBackwardGroups];
     for (int n = 0; n < kBackwardGroups; ++n)
-      rows.nv[n] = static_cast<int>(
+      nv[n] = static_cast<int>(
           std::max<int64_t>(0, std::min<int64_t>(V, a.d.f - q * kWidth - n * V)));
-    ForRows<M>(a.d.b, rows);
+    if (partial) {
+      ForRows<M>(a.d.b, BackwardFinishRows<V, true>{a, s, q, {nv[0], nv[1]}});
+    } else {
+      ForRows<M>(a.d.b, BackwardFinishRows<V, false>{a, s, q, {nv[0], nv[1]}});
+    }
   }
-  if (s > 0) BackwardGates<V>(a, s - 1, q);
+  if (s > 0) {
+    if (partial) {
+      BackwardGates<V, true>(a, s - 1, q);
+    } else {
+      BackwardGates<V, false>(a, s - 1, q);
+    }
+  }
 }
 
 #define HK_AVX512 \
