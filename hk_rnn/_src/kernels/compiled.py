@@ -223,16 +223,14 @@ def _project(inputs: Array, w_i: Array, valid: Array | None):
     inputs = jnp.where(valid[..., None], inputs, 0)
   steps, batch, size = inputs.shape
   projected = jnp.dot(inputs.reshape(steps * batch, size), w_i)
-  return inputs, projected.reshape(steps, batch, -1)
+  return inputs, projected.reshape(steps, batch, w_i.shape[1])
 
 
 def _weight_gradients(inputs, h_in, w_i, d_gx, d_gh):
   """``(dX, dW_i, dW_h)`` as single GEMMs over all steps."""
   steps, batch, size = inputs.shape
-  flat_x = inputs.reshape(steps * batch, size)
-  flat_h = h_in.reshape(steps * batch, -1)
-  flat_gx = d_gx.reshape(steps * batch, -1)
-  flat_gh = d_gh.reshape(steps * batch, -1)
+  flat = lambda a: a.reshape(steps * batch, a.shape[-1])  # noqa: E731
+  flat_x, flat_h, flat_gx, flat_gh = map(flat, (inputs, h_in, d_gx, d_gh))
   d_inputs = jnp.dot(flat_gx, w_i.T).reshape(inputs.shape)
   return d_inputs, jnp.dot(flat_x.T, flat_gx), jnp.dot(flat_h.T, flat_gh)
 
@@ -348,14 +346,48 @@ def _engine_gradients_jvp(engine, constants, primals, tangents):
   return jax.jvp(gradients, primals, tangents)
 
 
+def _residual_tangents(engine, forward, params, constants, d_params):
+  """The JVP rule of a saving forward call: the engine's output tangents.
+
+  The residuals' tangents are zeros: their only consumer, the gradient
+  call, takes its own derivative from the engine (``_engine_gradients_jvp``)
+  and ignores them.
+  """
+  outputs, residuals = forward(params, constants)
+  _, d_outputs = jax.jvp(lambda p: engine(p, constants), (params,), (d_params,))
+  return (outputs, residuals), (
+    d_outputs,
+    jax.tree.map(jnp.zeros_like, residuals),
+  )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _lstm_saving_forward(emit, params, constants):
+  """``(outputs, residuals)`` of the forward call that saves residuals."""
+  outputs, clean_inputs, saved = _lstm_forward(emit, True, params, constants)
+  return outputs, (clean_inputs, tuple(saved))
+
+
+@_lstm_saving_forward.defjvp
+def _lstm_saving_forward_jvp(emit, primals, tangents):
+  params, constants = primals
+  return _residual_tangents(
+    functools.partial(_xla_lstm, emit),
+    functools.partial(_lstm_saving_forward, emit),
+    params,
+    constants,
+    tangents[0],
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lstm_core(emit, params, constants):
   return _lstm_forward(emit, False, params, constants)[0]
 
 
 def _lstm_core_forward(emit, params, constants):
-  outputs, clean_inputs, saved = _lstm_forward(emit, True, params, constants)
-  return outputs, (params, constants, (clean_inputs, tuple(saved)))
+  outputs, residuals = _lstm_saving_forward(emit, params, constants)
+  return outputs, (params, constants, residuals)
 
 
 def _lstm_core_backward(emit, residuals, cotangents):
@@ -460,14 +492,28 @@ def _gru_gradients_jvp(primals, tangents):
   )
 
 
+@jax.custom_jvp
+def _gru_saving_forward(params, constants):
+  outputs, clean_inputs, saved = _gru_forward(True, params, constants)
+  return outputs, (clean_inputs, tuple(saved))
+
+
+@_gru_saving_forward.defjvp
+def _gru_saving_forward_jvp(primals, tangents):
+  params, constants = primals
+  return _residual_tangents(
+    _xla_gru, _gru_saving_forward, params, constants, tangents[0]
+  )
+
+
 @jax.custom_vjp
 def _gru_core(params, constants):
   return _gru_forward(False, params, constants)[0]
 
 
 def _gru_core_forward(params, constants):
-  outputs, clean_inputs, saved = _gru_forward(True, params, constants)
-  return outputs, (params, constants, (clean_inputs, tuple(saved)))
+  outputs, residuals = _gru_saving_forward(params, constants)
+  return outputs, (params, constants, residuals)
 
 
 def _gru_core_backward(residuals, cotangents):
