@@ -49,8 +49,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -114,6 +116,7 @@ struct Simd {
     Store(tmp, v);
     for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
+  static HK_INLINE F Reciprocal(F x) { return Set(1.0f) / x; }
   static HK_INLINE F Min(F a, F b) { return a < b ? a : b; }
   static HK_INLINE F Max(F a, F b) { return a > b ? a : b; }
   // exp(x), relative error ~1e-7 on [-87, 88]: x = n ln2 + r, |r| <= ln2/2,
@@ -137,7 +140,7 @@ struct Simd {
     const I bits = (((I)shifted) - 0x4B400000 + 127) << 23;
     return p * (F)bits;  // vector casts reinterpret the bits
   }
-  static HK_INLINE F Sigmoid(F x) { return Set(1.0f) / (Set(1.0f) + Exp(-x)); }
+  static HK_INLINE F Sigmoid(F x) { return Reciprocal(Set(1.0f) + Exp(-x)); }
   // tanh(x) = 2 sigmoid(2x) - 1, as the XLA engine computes it.
   static HK_INLINE F Tanh(F x) {
     return Set(2.0f) * Sigmoid(x + x) - Set(1.0f);
@@ -170,7 +173,14 @@ struct Schedule {
   int64_t chunks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+  // Set by the caller when it waited too long for a ticket another thread
+  // holds (that thread was preempted: the cores are oversubscribed); the
+  // pool tasks then take no new ticket and the caller finishes alone.
+  std::atomic<bool> solo{false};
 };
+
+// How long the caller waits on one ticket before going solo.
+constexpr auto kSoloAfter = std::chrono::microseconds(500);
 
 HK_INLINE void Relax(int64_t& spins) {
   if (++spins < 4096) {
@@ -182,23 +192,86 @@ HK_INLINE void Relax(int64_t& spins) {
 
 // Takes tickets until none is left; work(phase, chunk) runs each.
 template <typename Work>
-void Participate(Schedule& s, const Work& work) {
+void Participate(Schedule& s, const Work& work, bool caller) {
   const int64_t total = s.phases * s.chunks;
   for (;;) {
+    if (!caller && s.solo.load(std::memory_order_relaxed)) return;
     const int64_t ticket = s.next.fetch_add(1, std::memory_order_relaxed);
     if (ticket >= total) return;
     const int64_t phase = ticket / s.chunks;
     const int64_t ready = phase * s.chunks;
     int64_t spins = 0;
-    while (s.done.load(std::memory_order_acquire) < ready) Relax(spins);
+    std::chrono::steady_clock::time_point start;
+    while (s.done.load(std::memory_order_acquire) < ready) {
+      Relax(spins);
+      if (caller && (spins & 255) == 0) {
+        const auto now = std::chrono::steady_clock::now();
+        if (spins == 256) {
+          start = now;
+        } else if (now - start > kSoloAfter) {
+          s.solo.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
     work(phase, ticket - ready);
     s.done.fetch_add(1, std::memory_order_release);
   }
 }
 
+// Grow-only scratch memory of the calling thread, kept between calls (a
+// fresh megabyte each call would cost page faults). Slots are independent.
+float* Scratch(int slot, std::size_t floats) {
+  struct Buffer {
+    float* data = nullptr;
+    std::size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  thread_local Buffer buffers[3];
+  Buffer& b = buffers[slot];
+  if (b.size < floats) {
+    std::free(b.data);
+    b.data = static_cast<float*>(
+        std::aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64));
+    if (b.data == nullptr) {
+      b.size = 0;
+      throw std::bad_alloc();
+    }
+    b.size = floats;
+  }
+  return b.data;
+}
+
+// Threads the kernel may count on now: the cores minus the runnable threads
+// other than the caller (Linux's procs_running, which counts the caller).
+// Oversubscribed cores preempt a participant in the middle of a step, and
+// every other participant then waits at that step's end: on a busy machine
+// one thread loses less than two.
+int64_t FreeCores(int64_t cores) {
+  FILE* stat = std::fopen("/proc/stat", "r");
+  if (stat == nullptr) return cores;
+  char line[256];
+  int64_t running = -1;
+  while (std::fgets(line, sizeof(line), stat) != nullptr) {
+    long long value = 0;
+    if (std::sscanf(line, "procs_running %lld", &value) == 1) {
+      running = value;
+      break;
+    }
+  }
+  std::fclose(stat);
+  if (running < 1) return cores;
+  return std::max<int64_t>(1, cores - (running - 1));
+}
+
 int Participants(ffi::ThreadPool& pool, int64_t chunks) {
   int64_t n = pool.num_threads();
-  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  cpu_set_t allowed;
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
+    cores = std::max(1, CPU_COUNT(&allowed));  // taskset, cgroups
+  const char* adaptive = std::getenv("HK_RNN_COMPILED_ADAPTIVE");
+  if (adaptive == nullptr || std::strcmp(adaptive, "0") != 0)
+    cores = FreeCores(cores);
   if (const char* env = std::getenv("HK_RNN_COMPILED_THREADS")) {
     const int64_t cap = std::atoll(env);
     if (cap > 0) n = std::min(n, cap);
@@ -223,9 +296,10 @@ void RunPhases(ffi::ThreadPool& pool, int64_t phases, int64_t chunks,
   shared->schedule.chunks = chunks;
   const int helpers = Participants(pool, chunks) - 1;
   for (int i = 0; i < helpers; ++i) {
-    pool.Schedule([shared] { Participate(shared->schedule, shared->work); });
+    pool.Schedule(
+        [shared] { Participate(shared->schedule, shared->work, false); });
   }
-  Participate(shared->schedule, shared->work);
+  Participate(shared->schedule, shared->work, true);
   const int64_t total = phases * chunks;
   int64_t spins = 0;
   while (shared->schedule.done.load(std::memory_order_acquire) < total)
@@ -239,18 +313,6 @@ struct Dims {
   int64_t t, b, f;
 };
 
-struct FloatBuffer {
-  float* data = nullptr;
-  std::size_t size = 0;
-  explicit FloatBuffer(std::size_t n) : size(n) {
-    if (n == 0) return;
-    data = static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64));
-    if (data == nullptr) throw std::bad_alloc();
-  }
-  ~FloatBuffer() { std::free(data); }
-  FloatBuffer(const FloatBuffer&) = delete;
-  FloatBuffer& operator=(const FloatBuffer&) = delete;
-};
 
 template <typename T>
 const T* Optional(const T* p, std::size_t size) {
@@ -406,6 +468,11 @@ struct LstmForwardRows {
     using S = Simd<V>;
     using F = typename S::F;
     const int64_t f = a.d.f, width = 4 * f, col = u * V;
+    // This block's projected inputs come from memory (the step's first
+    // touch): their loads overlap the product.
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < 4; ++g)
+        __builtin_prefetch(a.gx + (t * a.d.b + m0 + m) * width + col + g * f);
     F acc[M][4];
     Tile<V, M, 4>(a.HIn(t) + m0 * f, f, a.panels + u * f * 4 * V, f, acc);
     const F one = S::Set(1.0f), zero = S::Set(0.0f);
@@ -468,6 +535,9 @@ struct GruForwardRows {
     using S = Simd<V>;
     using F = typename S::F;
     const int64_t f = a.d.f, width = 3 * f, col = u * V;
+    for (int m = 0; m < M; ++m)
+      for (int g = 0; g < 3; ++g)
+        __builtin_prefetch(a.gx + (t * a.d.b + m0 + m) * width + col + g * f);
     F acc[M][3];
     Tile<V, M, 3>(a.HIn(t) + m0 * f, f, a.panels + u * f * 3 * V, f, acc);
     const F one = S::Set(1.0f), zero = S::Set(0.0f);
@@ -627,9 +697,24 @@ HK_INLINE void BackwardGates(const BackwardArgs& a, int64_t t, int64_t q) {
   constexpr int kWidth = kBackwardGroups * V;
   const int64_t f = a.d.f, width = a.gates * f;
   const F zero = S::Set(0.0f);
+  constexpr int kAhead = 2;  // rows whose saved coefficients are prefetched
   for (int64_t row = 0; row < a.d.b; ++row) {
     const int64_t tb = t * a.d.b + row;
     const bool valid = !a.valid || a.valid[tb];
+    if (row + kAhead < a.d.b) {
+      const int64_t ahead = tb + kAhead;
+      const int64_t col = q * kWidth;
+      for (int n = 0; n < kBackwardGroups; ++n) {
+        for (int g = 0; g < a.gates; ++g) {
+          __builtin_prefetch(a.saved[0] + ahead * width + col + n * V + g * f);
+          if (!a.d_c)
+            __builtin_prefetch(a.saved[1] + ahead * width + col + n * V + g * f);
+        }
+        __builtin_prefetch(a.d_y + ahead * f + col + n * V);
+        __builtin_prefetch(a.saved[a.d_c ? 1 : 2] + ahead * f + col + n * V);
+        if (a.d_c) __builtin_prefetch(a.saved[2] + ahead * f + col + n * V);
+      }
+    }
     for (int n = 0; n < kBackwardGroups; ++n) {
       const int64_t col = q * kWidth + n * V;
       const int nv = P ? static_cast<int>(std::min<int64_t>(V, f - col)) : V;
@@ -775,12 +860,9 @@ T* Data(Out& r) {
 void RunForward(ffi::ThreadPool& pool, ForwardArgs& a) {
   const int v = Lanes();
   const int64_t groups = (a.d.f + v - 1) / v;
-  FloatBuffer panels(groups * a.d.f * a.gates * v);
-  a.panels = panels.data;
-  std::unique_ptr<FloatBuffer> ring;
+  a.panels = Scratch(0, groups * a.d.f * a.gates * v);
   if (a.h_in == nullptr) {
-    ring = std::make_unique<FloatBuffer>(2 * a.d.b * a.d.f);
-    a.h_in = ring->data;
+    a.h_in = Scratch(1, 2 * a.d.b * a.d.f);
     a.h_in_ring = true;
   }
   auto chunk = Isa() == 2 ? ForwardChunk512 : ForwardChunk256;
@@ -792,10 +874,8 @@ void RunForward(ffi::ThreadPool& pool, ForwardArgs& a) {
 void RunBackward(ffi::ThreadPool& pool, BackwardArgs& a) {
   const int width = kBackwardGroups * Lanes();
   const int64_t chunks = (a.d.f + width - 1) / width;
-  FloatBuffer panels(chunks * a.gates * a.d.f * width);
-  FloatBuffer direct(a.d.b * a.d.f);
-  a.panels = panels.data;
-  a.direct = direct.data;
+  a.panels = Scratch(0, chunks * a.gates * a.d.f * width);
+  a.direct = Scratch(2, a.d.b * a.d.f);
   auto chunk = Isa() == 2 ? BackwardChunk512 : BackwardChunk256;
   const BackwardArgs args = a;
   RunPhases(pool, a.d.t + 2, chunks,
