@@ -39,7 +39,9 @@
 // scheduled on XLA's thread pool (the handler's ThreadPool context): a task
 // that starts late, or never, only means the caller takes more tickets.
 // Nothing ever waits for a thread to arrive, so there is no deadlock and no
-// second thread pool beside XLA's.
+// second thread pool beside XLA's. Participants are at most the free cores
+// (procs_running), and a caller kept waiting over 0.5 ms by a preempted
+// participant finishes the call alone (Schedule::solo).
 //
 // The SIMD code is written once with GCC vector extensions and compiled
 // twice, for AVX-512 and for AVX2+FMA, through function attributes; the

@@ -31,6 +31,16 @@ element after another (``vmap_method="sequential"``).
 
 Only float32 runs here (:func:`refusal` says why anything else does not).
 
+Threads: a call uses at most as many participants as there are cores free
+at that moment (cores allowed to the process, minus Linux's other runnable
+threads, ``procs_running``): on oversubscribed cores a preempted participant
+would hold up every step, so a busy machine gets one thread. A caller that
+still waits over 0.5 ms on another participant finishes the call alone.
+Environment variables, read at each call: ``HK_RNN_COMPILED_THREADS=n`` caps
+the participants; ``HK_RNN_COMPILED_ADAPTIVE=0`` ignores the load.
+``HK_RNN_COMPILED_ISA=avx2``, read when the library loads, runs the AVX2
+code on an AVX-512 machine (tests).
+
 >>> import jax.numpy as jnp
 >>> from hk_rnn._src.kernels import compiled
 >>> x = jnp.ones((5, 2, 3))
