@@ -39,9 +39,9 @@
 // scheduled on XLA's thread pool (the handler's ThreadPool context): a task
 // that starts late, or never, only means the caller takes more tickets.
 // Nothing ever waits for a thread to arrive, so there is no deadlock and no
-// second thread pool beside XLA's. Participants are at most the free cores
-// (procs_running), and a caller kept waiting over 0.5 ms by a preempted
-// participant finishes the call alone (Schedule::solo).
+// second thread pool beside XLA's. A caller kept waiting over 0.5 ms by a
+// preempted participant finishes the call alone (Schedule::solo), and the
+// calls of the next 0.2 s run on one thread (solo_until_ns).
 //
 // The SIMD code is written once with GCC vector extensions and compiled
 // twice, for AVX-512 and for AVX2+FMA, through function attributes; the
@@ -54,7 +54,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -243,26 +242,23 @@ float* Scratch(int slot, std::size_t floats) {
   return b.data;
 }
 
-// Threads the kernel may count on now: the cores minus the runnable threads
-// other than the caller (Linux's procs_running, which counts the caller).
-// Oversubscribed cores preempt a participant in the middle of a step, and
-// every other participant then waits at that step's end: on a busy machine
-// one thread loses less than two.
-int64_t FreeCores(int64_t cores) {
-  FILE* stat = std::fopen("/proc/stat", "r");
-  if (stat == nullptr) return cores;
-  char line[256];
-  int64_t running = -1;
-  while (std::fgets(line, sizeof(line), stat) != nullptr) {
-    long long value = 0;
-    if (std::sscanf(line, "procs_running %lld", &value) == 1) {
-      running = value;
-      break;
-    }
-  }
-  std::fclose(stat);
-  if (running < 1) return cores;
-  return std::max<int64_t>(1, cores - (running - 1));
+// After a call whose caller had to finish alone (a participant was
+// preempted: the cores are oversubscribed, say by another busy process),
+// calls run on one thread for a while, then try again with several. On a
+// busy machine one thread loses less than several that wait for each other
+// at every step; on an idle one the backoff never starts.
+std::atomic<int64_t> solo_until_ns{0};
+constexpr int64_t kBackoffNs = 200'000'000;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool Adaptive() {
+  const char* adaptive = std::getenv("HK_RNN_COMPILED_ADAPTIVE");
+  return adaptive == nullptr || std::strcmp(adaptive, "0") != 0;
 }
 
 int Participants(ffi::ThreadPool& pool, int64_t chunks) {
@@ -271,9 +267,8 @@ int Participants(ffi::ThreadPool& pool, int64_t chunks) {
   cpu_set_t allowed;
   if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
     cores = std::max(1, CPU_COUNT(&allowed));  // taskset, cgroups
-  const char* adaptive = std::getenv("HK_RNN_COMPILED_ADAPTIVE");
-  if (adaptive == nullptr || std::strcmp(adaptive, "0") != 0)
-    cores = FreeCores(cores);
+  if (Adaptive() && NowNs() < solo_until_ns.load(std::memory_order_relaxed))
+    cores = 1;
   if (const char* env = std::getenv("HK_RNN_COMPILED_THREADS")) {
     const int64_t cap = std::atoll(env);
     if (cap > 0) n = std::min(n, cap);
@@ -306,6 +301,8 @@ void RunPhases(ffi::ThreadPool& pool, int64_t phases, int64_t chunks,
   int64_t spins = 0;
   while (shared->schedule.done.load(std::memory_order_acquire) < total)
     Relax(spins);
+  if (helpers > 0 && shared->schedule.solo.load(std::memory_order_relaxed))
+    solo_until_ns.store(NowNs() + kBackoffNs, std::memory_order_relaxed);
 }
 
 // ---------------------------------------------------------------------------

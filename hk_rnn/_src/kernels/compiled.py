@@ -31,13 +31,14 @@ element after another (``vmap_method="sequential"``).
 
 Only float32 runs here (:func:`refusal` says why anything else does not).
 
-Threads: a call uses at most as many participants as there are cores free
-at that moment (cores allowed to the process, minus Linux's other runnable
-threads, ``procs_running``): on oversubscribed cores a preempted participant
-would hold up every step, so a busy machine gets one thread. A caller that
-still waits over 0.5 ms on another participant finishes the call alone.
-Environment variables, read at each call: ``HK_RNN_COMPILED_THREADS=n`` caps
-the participants; ``HK_RNN_COMPILED_ADAPTIVE=0`` ignores the load.
+Threads: a call's participants are the calling thread and up to one task
+per other core on XLA's pool. When a participant is preempted (the cores
+are oversubscribed, say by another busy process) and the caller waits on it
+over 0.5 ms, the caller finishes the call alone and the calls of the next
+0.2 s run on one thread: on a busy machine one thread loses less than
+several waiting for each other at every step. Environment variables, read at
+each call: ``HK_RNN_COMPILED_THREADS=n`` caps the participants;
+``HK_RNN_COMPILED_ADAPTIVE=0`` turns the one-thread backoff off.
 ``HK_RNN_COMPILED_ISA=avx2``, read when the library loads, runs the AVX2
 code on an AVX-512 machine (tests).
 
