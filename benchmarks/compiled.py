@@ -11,7 +11,7 @@ carry after it, ``loss = mean(y²) + mean(final carry)``:
   calls, median and p99.
 
 Contenders: ``compiled`` (``hk_rnn/_src/kernels/compiled.py``), ``xla`` (the
-XLA engine, ``hk_rnn._src.fused``) and ``torch``. Each (case, contender) runs
+XLA engine, ``hk_rnn._src.kernels.xla``) and ``torch``. Each (case, contender) runs
 in ``--processes`` fresh processes, in alternating order, and the figure is
 the median of the per-process medians. The CPU model and the load average
 before and after are printed; a start at load >= 0.5 per core is flagged.
@@ -46,8 +46,8 @@ def _jax_step(contender, kind, batch, train):
   import jax
   import jax.numpy as jnp
 
-  from hk_rnn._src import fused
-  from hk_rnn._src.kernels import compiled
+  from hk_rnn._src.kernels import compiled, xla
+  from hk_rnn._src.kernels import gates as gate_math
 
   gates = 4 if kind == "lstm" else 3
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -64,8 +64,8 @@ def _jax_step(contender, kind, batch, train):
       raise SystemExit("the compiled kernels are not built")
     lstm, gru = compiled.lstm, compiled.gru
   else:
-    lstm = lambda *a: fused.lstm_sequence(*a, allow_cudnn=False)  # noqa: E731
-    gru = fused.gru_sequence
+    lstm = lambda *a: xla.lstm(*a, a[-1])  # noqa: E731
+    gru = lambda *a: xla.single_carry(gate_math.GRU, *a, a[-1])  # noqa: E731
 
   def loss(params, x):
     hidden = jnp.tanh(jnp.dot(x, params["w_in"]))

@@ -3,7 +3,7 @@
 Values and gradients of every supported call (masks and lengths, NaN in the
 padding, packed rows with resets and a separate reset carry, per-step
 carries, recurrent dropout masks) against the XLA engine
-(``hk_rnn._src.fused``), which is tested against independent references
+(``hk_rnn._src.kernels.xla``), which is tested against independent references
 elsewhere, and plain calls against PyTorch's ``nn.LSTM``/``nn.GRU``. Also
 ``jit``, ``vmap``, second derivatives, odd sizes (F not a multiple of the
 SIMD width, B = 1, T = 1, T = 0), the AVX2 build on an AVX-512 machine, the
@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from hk_rnn._src import fused
-from hk_rnn._src.kernels import compiled
+from hk_rnn._src.kernels import compiled, gates, xla
 
 _SKIP = absltest.skipUnless(
   compiled.available(), "the compiled CPU kernels are not built"
@@ -61,9 +60,22 @@ def _arguments(kind, steps=_T, batch=_B, inputs=_D, features=_F, seed=0):
 
 
 def _engine(kind):
+  """The XLA engine with the kernel's signature (reset_carry optional)."""
   if kind == "lstm":
-    return functools.partial(fused.lstm_sequence, allow_cudnn=False)
-  return fused.gru_sequence
+
+    def run(x, w_i, w_h, b, carry, reset_carry=None, **options):
+      reset_carry = carry if reset_carry is None else reset_carry
+      return xla.lstm(x, w_i, w_h, b, carry, reset_carry, **options)
+
+    return run
+
+  def run_gru(x, w_i, w_h, b_i, b_h, carry, reset_carry=None, **options):
+    reset_carry = carry if reset_carry is None else reset_carry
+    return xla.single_carry(
+      gates.GRU, x, w_i, w_h, b_i, b_h, carry, reset_carry, **options
+    )
+
+  return run_gru
 
 
 def _kernel(kind):

@@ -9,7 +9,7 @@ units among the calling thread and tasks on XLA's own intra-op thread pool
 (the FFI hands a handler that pool); units are claimed through an atomic
 counter, so a pool thread that is busy or late never holds a step up.
 
-The math is the XLA engine's (``hk_rnn._src.fused``), masks and all: at
+The math is the XLA engine's (:mod:`.xla`), masks and all: at
 step ``t``
 
 .. math::
@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from hk_rnn._src import fused as _engine
+from hk_rnn._src.kernels import gates, xla
 
 Array = jax.Array
 
@@ -287,22 +287,22 @@ def _xla_lstm(emit, params, constants):
   """The XLA engine on the same arguments (for second derivatives)."""
   inputs, w_i, w_h, b, c_0, h_0, reset_c, reset_h = params
   valid, reset, mask = constants
-  (c_n, h_n), y, emitted = _engine._sequence(  # noqa: SLF001
-    _engine._LSTM,  # noqa: SLF001
-    1,
-    emit,
+  result = xla.lstm(
     inputs,
     w_i,
     w_h,
     b,
-    None,
     (c_0, h_0),
     (reset_c, reset_h),
-    valid,
-    reset,
-    mask,
+    valid=valid,
+    reset=reset,
+    recurrent_mask=mask,
+    return_step_carries=emit,
   )
-  return ((c_n, h_n), y, emitted[0]) if emit else ((c_n, h_n), y)
+  if not emit:
+    return result
+  final, outputs, (c_steps, _) = result
+  return final, outputs, c_steps
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -445,22 +445,19 @@ def _gru_forward(save, params, constants):
 def _xla_gru(params, constants):
   inputs, w_i, w_h, b_i, b_h, h_0, reset_h = params
   valid, reset, mask = constants
-  (h_n,), y, _ = _engine._sequence(  # noqa: SLF001
-    _engine._GRU,  # noqa: SLF001
-    1,
-    False,
+  return xla.single_carry(
+    gates.GRU,
     inputs,
     w_i,
     w_h,
     b_i,
     b_h,
-    (h_0,),
-    (reset_h,),
-    valid,
-    reset,
-    mask,
+    h_0,
+    reset_h,
+    valid=valid,
+    reset=reset,
+    recurrent_mask=mask,
   )
-  return h_n, y
 
 
 @jax.custom_jvp
@@ -570,7 +567,7 @@ def lstm(
   r"""An LSTM sequence through the compiled kernel.
 
   Arguments, semantics and results are those of
-  :func:`hk_rnn._src.fused.lstm_sequence`:
+  :func:`hk_rnn._src.kernels.dispatch.lstm_sequence`:
 
   .. math::
 
@@ -598,7 +595,7 @@ def lstm(
   """
   initial_carry = tuple(initial_carry)
   reset_carry = initial_carry if reset_carry is None else tuple(reset_carry)
-  _engine._check(  # noqa: SLF001
+  xla.check_shapes(
     "compiled.lstm",
     inputs,
     4,
@@ -652,7 +649,7 @@ def gru(
   r"""A GRU sequence through the compiled kernel.
 
   Arguments, semantics and results are those of
-  :func:`hk_rnn._src.fused.gru_sequence`:
+  :func:`hk_rnn._src.kernels.dispatch.gru_sequence`:
 
   .. math::
 
@@ -680,7 +677,7 @@ def gru(
   """
   if reset_carry is None:
     reset_carry = initial_carry
-  _engine._check(  # noqa: SLF001
+  xla.check_shapes(
     "compiled.gru",
     inputs,
     3,
