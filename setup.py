@@ -1,5 +1,12 @@
 """Installs hk_rnn: recurrent networks for JAX, as Haiku modules.
 
+The optional compiled CPU kernels (``csrc/cpu_rnn.cc``: LSTM and GRU
+sequences on XLA's thread pool, hk_rnn/_src/kernels/compiled.py) build when
+jaxlib, whose XLA FFI headers they include, is installed in the running
+environment and a C++17 compiler is present: ``python setup.py build_ext
+--inplace``. They need no other library; a failed build is a warning, and
+the XLA engine runs instead.
+
 The optional oneDNN extension (``csrc/onednn_lstm.cc``, LSTMs on CPU
 through oneDNN's RNN primitive) builds only when its inputs are installed
 in the running environment: jaxlib (the XLA FFI headers) and the
@@ -88,6 +95,37 @@ def _onednn_extensions():
   ]
 
 
+def _cpu_kernel_extensions():
+  """The compiled CPU kernels, or none when jaxlib's headers are missing."""
+  jaxlib = importlib.util.find_spec("jaxlib")
+  if jaxlib is None:
+    return []
+  ffi_include = os.path.join(os.path.dirname(jaxlib.origin), "include")
+  if not os.path.exists(os.path.join(ffi_include, "xla", "ffi", "api")):
+    return []
+  return [
+    setuptools.Extension(
+      "hk_rnn._src.kernels._cpu_rnn",
+      sources=["csrc/cpu_rnn.cc"],
+      language="c++",
+      # The SIMD code is compiled for AVX-512 and for AVX2 through function
+      # attributes and picked at run time: no -march here. -ffp-contract:
+      # multiply-adds become FMAs (ISO C++ mode would forbid it).
+      extra_compile_args=[
+        "-std=c++17",
+        "-O3",
+        "-g0",
+        "-ffp-contract=fast",
+        "-fvisibility=hidden",
+        "-Wno-psabi",
+        f"-isystem{ffi_include}",
+      ],
+      extra_link_args=["-s"],
+      optional=True,
+    )
+  ]
+
+
 setuptools.setup(
   name="hk_rnn",
   version="0.1.0",
@@ -104,5 +142,5 @@ setuptools.setup(
     "absl-py>=1.0",
   ],
   extras_require=EXTRAS,
-  ext_modules=_onednn_extensions(),
+  ext_modules=_onednn_extensions() + _cpu_kernel_extensions(),
 )
