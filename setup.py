@@ -6,13 +6,7 @@ jaxlib, whose XLA FFI headers they include, is installed in the running
 environment and a C++17 compiler is present: ``python setup.py build_ext
 --inplace``. They need no other library; a failed build is a warning, and
 the XLA engine runs instead.
-
-The optional oneDNN extension (``csrc/onednn_lstm.cc``, LSTMs on CPU
-through oneDNN's RNN primitive) builds only when its inputs are installed
-in the running environment: jaxlib (the XLA FFI headers) and the
-``onednn`` extra's headers and library. ``pip install -e ".[onednn]"``
-installs them; ``python setup.py build_ext --inplace`` then builds it (see
-docs/performance.md). Without them the package is pure Python.
+Without it the package is pure Python.
 """
 
 import importlib.util
@@ -52,47 +46,6 @@ EXTRAS = {
   ],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-# Build inputs of the optional oneDNN extension (not in "all": 160 MB, and
-# only useful with a C++ compiler). The newer PyPI ``onednn`` is a SYCL
-# build whose CPU engine fails without a SYCL device.
-EXTRAS["onednn"] = [
-  "onednn-cpu-gomp>=2023.2,<2024",
-  "onednn-devel-cpu-gomp>=2023.2,<2024",
-]
-
-
-def _onednn_extensions():
-  """The oneDNN extension, or none when its build inputs are missing."""
-  jaxlib = importlib.util.find_spec("jaxlib")
-  include = os.path.join(sys.prefix, "include")
-  library = os.path.join(sys.prefix, "lib")
-  if jaxlib is None or not os.path.exists(
-    os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")
-  ):
-    return []
-  ffi_include = os.path.join(os.path.dirname(jaxlib.origin), "include")
-  return [
-    setuptools.Extension(
-      "hk_rnn._src.kernels._onednn_lstm",
-      sources=["csrc/onednn_lstm.cc"],
-      language="c++",
-      # -isystem: the XLA and oneDNN headers' own warnings are not ours.
-      extra_compile_args=[
-        "-std=c++17",
-        "-O2",
-        "-g0",
-        "-fvisibility=hidden",
-        "-fopenmp",
-        f"-isystem{ffi_include}",
-        f"-isystem{include}",
-      ],
-      library_dirs=[library],
-      libraries=["dnnl"],
-      # The wheel puts libdnnl.so.3 in the environment's lib folder, which
-      # the dynamic loader does not search by default.
-      extra_link_args=[f"-Wl,-rpath,{library}", "-s", "-fopenmp"],
-    )
-  ]
 
 
 def _cpu_kernel_extensions():
@@ -142,5 +95,5 @@ setuptools.setup(
     "absl-py>=1.0",
   ],
   extras_require=EXTRAS,
-  ext_modules=_onednn_extensions() + _cpu_kernel_extensions(),
+  ext_modules=_cpu_kernel_extensions(),
 )

@@ -204,13 +204,13 @@ def _hk_rnn(use_fused: bool, masked: bool = True, kernels: str | None = None):
 
   def runner(case: Case, inputs, lengths) -> Runner | str:
     import hk_rnn
-    from hk_rnn._src.kernels import onednn
+    from hk_rnn._src.kernels import compiled
 
     if not masked:
       if not case.masked:
         return "only for masked cases"
       case = dataclasses.replace(case, masked=False)
-    if kernels == "compiled" and not onednn.available():
+    if kernels == "compiled" and not compiled.available():
       return "the compiled kernels are not built"
     cell_class = {
       "lstm": hk_rnn.LSTMCell,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src.kernels import dispatch, onednn
+from hk_rnn._src.kernels import compiled, dispatch
 
 _X = jax.ShapeDtypeStruct((2, 5, 3), jnp.float32)
 _LENGTHS = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -85,7 +85,7 @@ class ModeTest(_CleanMode):
   def test_compiled_mode_without_the_extension_raises(self):
     apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.LSTMCell(4))(x))
     hk_rnn.use_kernels("compiled")
-    with mock.patch.multiple(onednn, _library="OSError: not built"):
+    with mock.patch.multiple(compiled, _library="not built"):
       with self.assertRaisesRegex(
         RuntimeError, r"use_kernels\('compiled'\) asks for the compiled CPU"
       ):
@@ -93,6 +93,14 @@ class ModeTest(_CleanMode):
 
 
 class ExplainTest(_CleanMode):
+  """As on a machine without the compiled kernels, unless a test says."""
+
+  def setUp(self):
+    super().setUp()
+    unbuilt = mock.patch.multiple(compiled, _library="not built")
+    unbuilt.start()
+    self.addCleanup(unbuilt.stop)
+
   def test_one_line_per_sequence_call_with_module_and_cell(self):
     apply, params = _model(
       lambda x, lengths=None: hk_rnn.Bidirectional(
@@ -106,7 +114,7 @@ class ExplainTest(_CleanMode):
     self.assertIn("cudnn: not on a CUDA GPU", lines[0])
     self.assertIn("cudnn: no gru kernel", lines[1])
     for line in lines:
-      self.assertIn("compiled: padding", line)
+      self.assertIn("compiled: not built", line)
 
   def test_xla_mode_says_where_it_was_set(self):
     apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.SimpleCell(4))(x))
@@ -156,6 +164,31 @@ class ExplainTest(_CleanMode):
         "form (xla)",
       ],
     )
+
+  @mock.patch.multiple(compiled, _library=None)  # the real extension
+  def test_auto_takes_the_compiled_kernels_where_built(self):
+    if not compiled.available():
+      self.skipTest("the compiled kernels are not built")
+    apply, params = _model(
+      lambda x, lengths=None: hk_rnn.RNN(hk_rnn.LSTMCell(4))(
+        x, seq_lengths=lengths
+      )
+    )
+    with mock.patch.object(compiled, "_AUTO_REFUSALS", {}):
+      (line,) = hk_rnn.explain(apply, params, _X, _LENGTHS)
+    self.assertEqual(
+      line,
+      "rnn (LSTMCell 'lstm_cell'): lstm -> compiled; cudnn: not on a CUDA GPU",
+    )
+    refused = {"lstm": "measured slower"}
+    with mock.patch.object(compiled, "_AUTO_REFUSALS", refused):
+      (line,) = hk_rnn.explain(apply, params, _X, _LENGTHS)
+      self.assertIn(
+        "lstm -> xla; cudnn: not on a CUDA GPU; compiled: measured slower", line
+      )
+      hk_rnn.use_kernels("compiled")
+      (line,) = hk_rnn.explain(apply, params, _X, _LENGTHS)
+      self.assertIn("lstm -> compiled", line)
 
   def test_a_jitted_function_already_traced_is_explained(self):
     apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.MGUCell(4))(x))

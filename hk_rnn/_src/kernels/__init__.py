@@ -3,7 +3,7 @@
 * :mod:`.gates`: each cell's gate math, forward and backward step;
 * :mod:`.xla`: the engine in JAX (a scan with a hand-written VJP), which
   runs every call;
-* :mod:`.cudnn`, :mod:`.onednn`: the faster backends, one file each, for
+* :mod:`.cudnn`, :mod:`.compiled`: the faster backends, one file each, for
   the calls they compute exactly;
 * :mod:`.dispatch`: the kernel mode (``HK_RNN_KERNELS``,
   :func:`use_kernels`), the choice of backend for each call, and

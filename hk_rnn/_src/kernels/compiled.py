@@ -206,6 +206,27 @@ def refusal(
 # The custom calls.
 
 
+# What ``auto`` leaves to the XLA engine although this backend computes it:
+# the cells, and the SIMD widths, where these kernels measured slower than
+# the engine in the realistic benchmark models (docs/speed.md).
+_AUTO_REFUSALS: dict[str, str] = {}
+_AUTO_REFUSALS_AVX2 = ""
+
+
+def auto_refusal(kind: str) -> str | None:
+  """Why ``auto`` does not choose this backend for ``kind``; None if it does.
+
+  ``auto`` must never be slower than the XLA engine, so it takes these
+  kernels only where the benchmarks measured them faster
+  (``HK_RNN_KERNELS=compiled`` takes them wherever they apply).
+  """
+  if kind in _AUTO_REFUSALS:
+    return _AUTO_REFUSALS[kind]
+  if _AUTO_REFUSALS_AVX2 and lanes() == 8:
+    return _AUTO_REFUSALS_AVX2
+  return None
+
+
 def _absent(dtype) -> Array:
   return jnp.zeros((0,), dtype)
 

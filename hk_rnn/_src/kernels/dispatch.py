@@ -3,7 +3,7 @@
 Backends, fastest first where they apply:
 
 * ``cudnn``: cuDNN's LSTM on a CUDA GPU (:mod:`.cudnn`);
-* ``compiled``: the optional compiled CPU kernels (:mod:`.onednn`);
+* ``compiled``: the optional compiled CPU kernels (:mod:`.compiled`);
 * ``xla``: the fused kernels in JAX (:mod:`.xla`), which run every call.
 
 The choice is made when a function is traced, from the mode:
@@ -175,9 +175,9 @@ def choose(
       break
     reasons[backend] = reason
   if current == "compiled" and "compiled" in reasons:
-    from hk_rnn._src.kernels import onednn
+    from hk_rnn._src.kernels import compiled
 
-    if not onednn.available():
+    if not compiled.available():
       raise RuntimeError(
         f"{_mode_source()} asks for the compiled CPU kernels, but they "
         f"cannot be used: {reasons['compiled']}. Build them (README, "
@@ -227,7 +227,7 @@ def explain(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[str]:
 
 def _refusals(kind, inputs, w_i, w_h, biases, initial_carry, options, cudnn_ok):
   """The faster backends' refusal functions for one call, fastest first."""
-  from hk_rnn._src.kernels import cudnn, onednn
+  from hk_rnn._src.kernels import compiled, cudnn
 
   valid, reset, mask, step_carries = (
     options["valid"],
@@ -253,21 +253,20 @@ def _refusals(kind, inputs, w_i, w_h, biases, initial_carry, options, cudnn_ok):
     )
 
   def compiled_refusal():
-    reason = onednn.refusal(
+    reason = compiled.refusal(
       kind,
       inputs,
+      w_i,
       w_h,
-      (w_i, *biases, *initial_carry),
+      biases,
+      initial_carry,
       valid=valid,
       reset=reset,
       recurrent_mask=mask,
-      step_carries=step_carries,
+      return_step_carries=step_carries,
     )
     if reason is None and mode() == "auto":
-      return (
-        "oneDNN's OpenMP threads contend with XLA's (slower than xla in "
-        "programs with other ops); HK_RNN_KERNELS=compiled uses it"
-      )
+      return compiled.auto_refusal(kind)
     return reason
 
   return {"cudnn": cudnn_refusal, "compiled": compiled_refusal}
@@ -275,7 +274,7 @@ def _refusals(kind, inputs, w_i, w_h, biases, initial_carry, options, cudnn_ok):
 
 def _run(kind, inputs, w_i, w_h, biases, initial_carry, reset_carry, options):
   """Checks one call, picks its backend (:func:`choose`) and runs it."""
-  from hk_rnn._src.kernels import cudnn, onednn, xla
+  from hk_rnn._src.kernels import compiled, cudnn, xla
 
   blocks = {"lstm": 4, "gru": 3, "mgu": 2, "simple": 1}[kind]
   carries = (initial_carry, reset_carry)
@@ -305,19 +304,18 @@ def _run(kind, inputs, w_i, w_h, biases, initial_carry, reset_carry, options):
       inputs, w_i, w_h, biases[0], initial_carry, valid=options["valid"]
     )
   if backend == "compiled":
-    run_onednn = onednn.lstm if kind == "lstm" else onednn.gru
-
-    def differentiable(*args):
-      *arrays, carry = args
-      return _run_xla(kind, *arrays, carry, carry, unroll, {})
-
-    return run_onednn(
+    run_compiled = compiled.lstm if kind == "lstm" else compiled.gru
+    return run_compiled(
       inputs,
       w_i,
       w_h,
       *biases,
       initial_carry,
-      fused_kernel=lambda *args: differentiable(*args)[:2],
+      reset_carry=reset_carry,
+      valid=options["valid"],
+      reset=options["reset"],
+      recurrent_mask=options["recurrent_mask"],
+      return_step_carries=options["return_step_carries"],
     )
   return _run_xla(
     kind,
