@@ -11,7 +11,6 @@ Without it the package is pure Python.
 
 import importlib.util
 import os
-import sys
 
 import setuptools
 
