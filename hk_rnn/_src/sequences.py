@@ -11,8 +11,9 @@ the id of the sequence (segment) a step belongs to::
 
 Padding only ever sits at the end of a row, ids never decrease along a row
 and each segment is contiguous. These invariants are checked whenever the
-mask or lengths are concrete (outside ``jit``); traced values cannot be
-inspected, so under ``jit`` they are the caller's promise.
+mask or lengths are concrete (outside ``jit``, and held whole by this
+process); traced values and global arrays spread over several processes
+cannot be inspected here, so for them they are the caller's promise.
 """
 
 from __future__ import annotations
@@ -29,8 +30,17 @@ PyTree = Any
 
 
 def is_concrete(value: Any) -> bool:
-  """Whether ``value``'s contents can be read now (not a tracer)."""
-  return not isinstance(value, jax.core.Tracer)
+  """Whether ``value``'s contents can be read on this host now.
+
+  Not for a tracer (under ``jit``, ``vmap``, ``grad``), nor for a global
+  ``jax.Array`` of a multi-process run whose shards sit partly on other
+  processes' devices: fetching it would fail, and checking only the local
+  shards would let one process raise while the others wait for it in a
+  collective. Both are checked as traced values are: shapes and dtypes only.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return not isinstance(value, jax.Array) or value.is_fully_addressable
 
 
 def _describe(shape: Sequence[int]) -> str:
