@@ -280,8 +280,10 @@ def _prepare(inputs, w_i, valid):
     # nor ``dW_i = Xᵀ dZ`` (where NaN * 0 would still be NaN).
     inputs = jnp.where(valid[..., None], inputs, 0)
   steps, batch, _ = inputs.shape
-  projected = jnp.dot(inputs.reshape(steps * batch, -1), w_i.astype(dtype))
-  return inputs, projected.reshape(steps, batch, -1)
+  projected = jnp.dot(
+    inputs.reshape(steps * batch, inputs.shape[-1]), w_i.astype(dtype)
+  )
+  return inputs, projected.reshape(steps, batch, w_i.shape[-1])
 
 
 def _forward_scan(

@@ -135,9 +135,33 @@ class _InputsLayout:
     )
 
 
+def as_array(value: Any, context: str, argument: str) -> Any:
+  """``value`` as a jax array (tracers as they are), or a TypeError.
+
+  The error names ``argument`` when ``value`` is no array of numbers (a
+  string, None, a dict, a ragged list), where ``jnp.asarray`` would name
+  nothing the caller passed.
+  """
+  if not is_concrete(value) or isinstance(value, jax.Array):
+    return value
+  try:
+    return jnp.asarray(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"{context}: {argument} must be an array of numbers, got "
+      f"{type(value).__name__} {abbreviate(value)}"
+    ) from None
+
+
+def abbreviate(value: Any) -> str:
+  """``repr(value)`` cut to 60 characters, for error messages."""
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _ids_from_lengths(lengths, layout, context):
   batch_shape, time = layout.batch_shape, layout.time
-  lengths = jnp.asarray(lengths) if is_concrete(lengths) else lengths
+  lengths = as_array(lengths, context, "seq_lengths")
   if tuple(lengths.shape) != batch_shape:
     raise ValueError(
       f"{context}: seq_lengths must have shape (*batch,) = "
@@ -164,7 +188,7 @@ def _ids_from_lengths(lengths, layout, context):
 
 
 def _ids_from_mask(mask, layout, context, argument="segmentation_mask"):
-  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  mask = as_array(mask, context, argument)
   expected = layout.mask_shape
   axes = "(time, *batch)" if layout.time_major else "(*batch, time)"
   is_integer = jnp.issubdtype(mask.dtype, jnp.integer)

@@ -1,0 +1,681 @@
+"""Fuzzing every public callable: a right number or a clear error, in time.
+
+Hypothesis draws calls of `RNN`, `Bidirectional` and `StackedRNN` (with every
+cell, `CoreCell` included), `flip_sequences`, `last_segment_ids`,
+`pack_sequences` with `unpack_sequences` and `unpack_segments`, `CoreCell`,
+`CellCore` and the `interop` converters: random shapes (axes of length 0
+included), input dtypes (bool, int, float16, bfloat16, float32, float64,
+complex), layouts (0 to 2 batch axes, time-major or not), wrappers (none,
+`jit`, `vmap`, `grad`) and faults: NaN, float or negative lengths, lengths
+past the time axis, masks with gaps, decreasing or negative ids, wrong ranks
+and shapes, carries of the wrong shape or structure, Python objects where
+arrays belong. Each call must
+
+- match an independent oracle (each segment stepped alone through the cell,
+  a numpy flip, a numpy round trip), or
+- raise `ValueError` or `TypeError` whose message names the argument at
+  fault (never `IndexError`, `AttributeError`, an XLA runtime error or an
+  internal traceback),
+
+and finish within `CALL_SECONDS`. Values are only checked when concrete: a
+malformed mask under `jit` or `vmap` is the caller's promise (see
+`hk_rnn/_src/sequences.py`), so there the call must merely not crash.
+
+Profiles (environment variable `HK_RNN_FUZZ_PROFILE`):
+- `ci` (default): a fixed, derandomized set of about 200 examples in all,
+  well under a minute on two cores once compiled shapes are cached.
+- `thorough`: 10,000 examples in all (the shares in `_THOROUGH`), random, with
+  hypothesis' statistics printed per test; run it with
+
+    HK_RNN_FUZZ_PROFILE=thorough nice -n 19 venv/bin/python -m pytest -n 0 \\
+      -s hk_rnn_test/fuzz_test.py --hypothesis-show-statistics
+"""
+
+import contextlib
+import functools
+import os
+import signal
+
+import haiku as hk
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from hypothesis import strategies as st
+
+import hk_rnn
+
+PROFILE = os.environ.get("HK_RNN_FUZZ_PROFILE", "ci")
+# Examples per test in the thorough profile: 10,000 in all.
+_THOROUGH = {
+  "rnn": 4000,
+  "flip": 1500,
+  "last_segment_ids": 1000,
+  "packing": 1500,
+  "cores": 1000,
+  "interop": 1000,
+}
+_CI = {
+  "rnn": 60,
+  "flip": 40,
+  "last_segment_ids": 30,
+  "packing": 40,
+  "cores": 20,
+  "interop": 20,
+}
+# No call may take longer (compiling a new shape on a busy machine included).
+CALL_SECONDS = 60
+
+
+def _settings(test):
+  if PROFILE == "thorough":
+    return hypothesis.settings(
+      max_examples=_THOROUGH[test],
+      deadline=None,
+      print_blob=True,
+      suppress_health_check=list(hypothesis.HealthCheck),
+    )
+  return hypothesis.settings(
+    max_examples=_CI[test],
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=list(hypothesis.HealthCheck),
+  )
+
+
+class CallTimeout(Exception):
+  """A call ran past `CALL_SECONDS`: a hang, as far as the user can tell."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds=CALL_SECONDS):
+  """Raises CallTimeout in the block once `seconds` have passed."""
+
+  def expire(signum, frame):
+    del signum, frame
+    raise CallTimeout(f"a call took more than {seconds} s")
+
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def outcome(fn, *args, **kwargs):
+  """`("ok", result)` or `("error", exception)` for ValueError/TypeError.
+
+  Any other exception (and a timeout) propagates: the test fails on it.
+  """
+  with time_limit():
+    try:
+      return "ok", fn(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+      return "error", e
+
+
+class FuzzCase(absltest.TestCase):
+  def assertNamesArgument(self, error, names, case):
+    """The error is ValueError/TypeError and names one of `names`."""
+    self.assertIsInstance(error, (ValueError, TypeError), case)
+    message = str(error)
+    self.assertTrue(
+      any(name in message for name in names),
+      f"{case}: {type(error).__name__} names none of {names}: {message}",
+    )
+
+  def assertTreeClose(self, actual, expected, rtol, atol, case):
+    actual_leaves, actual_tree = jax.tree.flatten(actual)
+    expected_leaves, expected_tree = jax.tree.flatten(expected)
+    self.assertEqual(actual_tree, expected_tree, case)
+    for a, e in zip(actual_leaves, expected_leaves, strict=True):
+      a, e = np.asarray(a), np.asarray(e)
+      self.assertEqual(a.shape, e.shape, case)
+      np.testing.assert_allclose(
+        a.astype(np.complex128 if np.iscomplexobj(a) else np.float64),
+        e.astype(np.complex128 if np.iscomplexobj(e) else np.float64),
+        rtol=rtol,
+        atol=atol,
+        err_msg=str(case),
+      )
+
+
+# --------------------------------------------------------------------------
+# Shared draws.
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+INPUT_DTYPES = (*FLOAT_DTYPES, "int32", "bool", "complex64")
+BATCH_SHAPES = ((), (0,), (1,), (3,), (2, 2), (2, 0))
+TIMES = (0, 1, 2, 4)
+# Python objects where an array belongs.
+JUNK = ("abc", {"a": 1}, [[1, "x"]], object(), 3.5, b"\x00")
+
+
+def random_ids(rng, batch, time, packed):
+  """Valid segment ids `(batch, time)`: padding at the end, ids growing."""
+  ids = np.zeros((batch, time), np.int32)
+  for b in range(batch):
+    length = int(rng.integers(0, time + 1))
+    segment, next_id = 0, int(rng.integers(1, 4))
+    for t in range(length):
+      if t and packed and rng.random() < 0.4:
+        next_id += int(rng.integers(1, 3))
+      segment = next_id
+      ids[b, t] = segment
+  return ids
+
+
+def corrupt_ids(rng, ids, fault):
+  """A copy of `(batch, time)` ids with one malformation, when it fits."""
+  ids = ids.copy()
+  batch, time = ids.shape
+  if batch == 0 or time < 2:
+    return None
+  b = int(rng.integers(0, batch))
+  if fault == "gap":
+    ids[b] = 0
+    ids[b, -1] = 1
+  elif fault == "decreasing":
+    ids[b] = 2
+    ids[b, -1] = 1
+  elif fault == "negative":
+    ids[b, 0] = -1
+  elif fault == "recurring":
+    if time < 3:
+      return None
+    ids[b] = 1
+    ids[b, 1] = 2
+  return ids
+
+
+def to_dtype(values, dtype):
+  if dtype == "bool":
+    return jnp.asarray(values > 0)
+  if dtype == "int32":
+    return jnp.asarray(np.round(values * 3), jnp.int32)
+  if dtype == "complex64":
+    return jnp.asarray(values + 0.5j * values[::-1], jnp.complex64)
+  return jnp.asarray(values, dtype)
+
+
+def tolerance(dtype):
+  return (3e-2, 3e-2) if dtype in ("float16", "bfloat16") else (2e-4, 2e-5)
+
+
+# --------------------------------------------------------------------------
+# RNN, Bidirectional and StackedRNN with every cell.
+
+CELL_KINDS = (
+  "lstm",
+  "gru",
+  "simple",
+  "mgu",
+  "conv_lstm",
+  "min_gru",
+  "min_lstm",
+  "core_cell",
+)
+ARCHITECTURES = (
+  "forward",
+  "reverse",
+  "reverse_keep_order",
+  "bidirectional",
+  "stacked",
+)
+HIDDEN = 2
+
+
+def make_cell(kind, index):
+  name = f"cell_{index}"
+  if kind == "conv_lstm":
+    return hk_rnn.ConvLSTMCell(HIDDEN, (3,), name=name)
+  if kind == "core_cell":
+    return hk_rnn.CoreCell(hk.LSTM(HIDDEN, name=f"core_{index}"), name=name)
+  constructor = {
+    "lstm": hk_rnn.LSTMCell,
+    "gru": hk_rnn.GRUCell,
+    "simple": hk_rnn.SimpleCell,
+    "mgu": hk_rnn.MGUCell,
+    "min_gru": hk_rnn.MinGRUCell,
+    "min_lstm": hk_rnn.MinLSTMCell,
+  }[kind]
+  return constructor(HIDDEN, name=name)
+
+
+def feature_shape(kind):
+  return (3, 2) if kind == "conv_lstm" else (3,)
+
+
+def _segments(ids_row):
+  """The steps of each segment of one row, in position order."""
+  segments, steps, previous = [], [], 0
+  for t, segment in enumerate(np.asarray(ids_row).tolist()):
+    if segment == 0:
+      break
+    if segment != previous and steps:
+      segments.append(steps)
+      steps = []
+    steps.append(t)
+    previous = segment
+  if steps:
+    segments.append(steps)
+  return segments
+
+
+def oracle_layer(cell, inputs, ids, initial, reverse, keep_order):
+  """One cell over `(rows, time, *features)`, each segment stepped alone.
+
+  `initial` holds each row's initial carry (leading rows axis). Returns the
+  final carries (stacked over rows) and outputs `(rows, time, *out)`, zero
+  at padding; outputs of `reverse` come in processing order unless
+  `keep_order`.
+  """
+  rows, time = ids.shape
+  finals, outputs = [], []
+  for r in range(rows):
+    row_initial = jax.tree.map(lambda leaf, r=r: leaf[r], initial)
+    final, row = row_initial, [None] * time
+    for steps in _segments(ids[r]):
+      carry = row_initial
+      order = steps[::-1] if reverse else steps
+      for position, t in zip(steps, order, strict=True):
+        carry, y = cell(carry, inputs[r, t])
+        row[t if keep_order or not reverse else position] = y
+      final = carry
+    finals.append(final)
+    outputs.append(row)
+  return finals, outputs
+
+
+def _stack_rows(finals, outputs, rows, time, out_shape, out_dtype):
+  zeros = jnp.zeros(out_shape, out_dtype)
+  stacked_outputs = (
+    jnp.stack(
+      [
+        jnp.stack([y if y is not None else zeros for y in row])
+        for row in outputs
+      ]
+    )
+    if rows and time
+    else jnp.zeros((rows, time, *out_shape), out_dtype)
+  )
+  return stacked_outputs
+
+
+def rnn_model(kind, arch):
+  """The layer under test and its oracle, sharing cells (and parameters)."""
+
+  def forward(inputs, mask, lengths, initial_carry, time_major, oracle):
+    count = 1 if arch in ("forward", "reverse", "reverse_keep_order") else 2
+    cells = [make_cell(kind, i) for i in range(count)]
+    if not oracle:
+      if arch == "bidirectional":
+        layer = hk_rnn.Bidirectional(
+          hk_rnn.RNN(cells[0]), hk_rnn.RNN(cells[1]), time_major=time_major
+        )
+      elif arch == "stacked":
+        layer = hk_rnn.StackedRNN(
+          [
+            hk_rnn.RNN(cells[0], time_major=time_major),
+            hk_rnn.RNN(cells[1], time_major=time_major),
+          ]
+        )
+      else:
+        layer = hk_rnn.RNN(
+          cells[0],
+          time_major=time_major,
+          reverse=arch != "forward",
+          keep_order=arch == "reverse_keep_order",
+        )
+      return layer(
+        inputs, mask, seq_lengths=lengths, initial_carry=initial_carry
+      )
+    return oracle_call(
+      cells, arch, inputs, mask, lengths, initial_carry, time_major
+    )
+
+  return hk.without_apply_rng(hk.transform(forward))
+
+
+def oracle_call(cells, arch, inputs, mask, lengths, initial_carry, time_major):
+  """What the layer must return, from cells stepped one segment at a time."""
+  feature_axes = cells[0].num_feature_axes
+  lead = inputs.ndim - feature_axes
+  if time_major:
+    inputs = jnp.moveaxis(inputs, 0, lead - 1)
+    mask = None if mask is None else np.moveaxis(np.asarray(mask), 0, -1)
+  batch_shape, time = inputs.shape[: lead - 1], inputs.shape[lead - 1]
+  features = inputs.shape[lead:]
+  rows = int(np.prod(batch_shape, dtype=int))
+  flat = inputs.reshape((rows, time, *features))
+  if mask is not None:
+    ids = np.asarray(mask).astype(np.int64).reshape(rows, time)
+  elif lengths is not None:
+    ids = (np.arange(time) < np.asarray(lengths).reshape(rows, 1)).astype(int)
+  else:
+    ids = np.ones((rows, time), int)
+
+  def initial_rows(cell, given, sample):
+    if given is None:
+      given = jax.tree.map(
+        lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, *leaf.shape)),
+        cell.initialize_carry(sample),
+      )
+    return jax.tree.map(
+      lambda leaf: leaf.reshape((rows, *leaf.shape[len(batch_shape) :])), given
+    )
+
+  def run(cell, x, given, reverse, keep_order):
+    sample = jnp.zeros(x.shape[2:], x.dtype)
+    init = initial_rows(cell, given, sample)
+    finals, outputs = oracle_layer(cell, x, ids, init, reverse, keep_order)
+    one_row = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), init
+    )
+    out = jax.eval_shape(cell, one_row, sample)[1]
+    y = _stack_rows(finals, outputs, rows, time, out.shape, out.dtype)
+    final = (
+      jax.tree.map(lambda *leaves: jnp.stack(leaves), *finals) if rows else init
+    )
+    return final, y
+
+  if arch == "bidirectional":
+    given = initial_carry or (None, None)
+    forward_final, forward_y = run(cells[0], flat, given[0], False, False)
+    backward_final, backward_y = run(cells[1], flat, given[1], True, True)
+    finals = (forward_final, backward_final)
+    y = jnp.concatenate([forward_y, backward_y], -1)
+  elif arch == "stacked":
+    given = initial_carry or (None, None)
+    first_final, first_y = run(cells[0], flat, given[0], False, False)
+    second_final, y = run(cells[1], first_y, given[1], False, False)
+    finals = (first_final, second_final)
+  else:
+    finals, y = run(
+      cells[0],
+      flat,
+      initial_carry,
+      arch != "forward",
+      arch == "reverse_keep_order",
+    )
+  y = y.reshape((*batch_shape, time, *y.shape[2:]))
+  if time_major:
+    y = jnp.moveaxis(y, len(batch_shape), 0)
+  finals = jax.tree.map(
+    lambda leaf: leaf.reshape((*batch_shape, *leaf.shape[1:])), finals
+  )
+  return finals, y
+
+
+RNN_FAULTS = {
+  # fault: the argument the error must name
+  "negative_lengths": ("seq_lengths",),
+  "long_lengths": ("seq_lengths",),
+  "nan_lengths": ("seq_lengths",),
+  "lengths_shape": ("seq_lengths",),
+  "lengths_object": ("seq_lengths",),
+  "gap": ("segmentation_mask",),
+  "decreasing": ("segmentation_mask",),
+  "negative": ("segmentation_mask",),
+  "recurring": ("segmentation_mask",),
+  "mask_rank": ("segmentation_mask",),
+  "float_mask": ("segmentation_mask",),
+  "mask_object": ("segmentation_mask",),
+  "both": ("seq_lengths", "segmentation_mask"),
+  "carry_shape": ("initial_carry",),
+  "carry_structure": ("initial_carry",),
+  "inputs_rank": ("inputs",),
+  "inputs_object": ("inputs",),
+}
+# Faults in values that only a concrete mask or lengths reveal.
+VALUE_FAULTS = frozenset(
+  {
+    "negative_lengths",
+    "long_lengths",
+    "gap",
+    "decreasing",
+    "negative",
+    "recurring",
+  }
+)
+
+
+@st.composite
+def rnn_cases(draw):
+  return {
+    "kind": draw(st.sampled_from(CELL_KINDS)),
+    "arch": draw(st.sampled_from(ARCHITECTURES)),
+    "batch_shape": draw(st.sampled_from(BATCH_SHAPES)),
+    "time": draw(st.sampled_from(TIMES)),
+    "time_major": draw(st.booleans()),
+    "dtype": draw(st.sampled_from(("float32",) * 3 + INPUT_DTYPES)),
+    "by": draw(st.sampled_from(("none", "lengths", "mask", "packed"))),
+    "carry": draw(st.booleans()),
+    "wrapper": draw(st.sampled_from(("eager", "jit", "vmap", "grad"))),
+    "fault": draw(st.sampled_from((None,) * 8 + tuple(RNN_FAULTS))),
+    "seed": draw(st.integers(0, 2**16)),
+  }
+
+
+@functools.cache
+def _rnn_params(kind, arch, dtype, feature_shape_, time_major):
+  model = rnn_model(kind, arch)
+  x = jnp.zeros((1, 1, *feature_shape_), dtype)
+  if time_major:
+    x = jnp.moveaxis(x, 1, 0)
+  return model.init(
+    jax.random.PRNGKey(0), x, None, None, None, time_major, False
+  )
+
+
+class RNNFuzzTest(FuzzCase):
+  @_settings("rnn")
+  @hypothesis.given(rnn_cases())
+  def test_rnn_family(self, case):
+    kind, arch, time_major = case["kind"], case["arch"], case["time_major"]
+    rng = np.random.default_rng(case["seed"])
+    batch_shape, time = case["batch_shape"], case["time"]
+    features = feature_shape(kind)
+    rows = int(np.prod(batch_shape, dtype=int))
+    values = rng.normal(size=(*batch_shape, time, *features)).astype("float32")
+    inputs = to_dtype(values, case["dtype"])
+    ids = random_ids(rng, rows, time, packed=case["by"] == "packed")
+    lengths = mask = None
+    if case["by"] == "lengths":
+      lengths = jnp.asarray((ids != 0).sum(-1).reshape(batch_shape), jnp.int32)
+    elif case["by"] in ("mask", "packed"):
+      mask = jnp.asarray(ids.reshape(*batch_shape, time))
+    model = rnn_model(kind, arch)
+    params = _rnn_params(kind, arch, "float32", features, False)
+    initial = None
+    if case["carry"]:
+      count = 2 if arch in ("bidirectional", "stacked") else 1
+
+      def carry_of(index):
+        cell_carry = jax.eval_shape(
+          lambda: hk.transform(
+            lambda: make_cell(kind, 0).initialize_carry(
+              jnp.zeros((*batch_shape, *features))
+            )
+          ).apply({}, None)
+        )
+        return jax.tree.map(
+          lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), cell_carry
+        )
+
+      initial = (
+        carry_of(0) if count == 1 else tuple(carry_of(i) for i in range(2))
+      )
+    fault = case["fault"]
+    if fault is not None:
+      inputs, mask, lengths, initial = self._inject(
+        rng, fault, inputs, mask, lengths, initial, ids, batch_shape, time
+      )
+      if inputs is None:
+        return  # the fault does not fit this shape
+    if time_major and hasattr(inputs, "ndim") and np.ndim(inputs) > 1:
+      inputs = jnp.moveaxis(inputs, len(batch_shape), 0)
+      if hasattr(mask, "ndim") and np.ndim(mask) == len(batch_shape) + 1:
+        mask = jnp.moveaxis(mask, -1, 0)
+    wrapper = case["wrapper"]
+    if wrapper == "grad" and not (
+      fault is None and case["dtype"] in ("float32", "float64")
+    ):
+      wrapper = "eager"
+    if wrapper == "vmap" and fault is not None:
+      wrapper = "jit"
+    value_fault = fault in VALUE_FAULTS
+
+    def call(x, m, n, c):
+      return model.apply(params, x, m, n, c, time_major, False)
+
+    if wrapper == "jit":
+      # What is no array is closed over: jit itself refuses it as an
+      # argument, before hk_rnn could see it.
+      def run(*args):
+        is_array = [isinstance(a, jax.Array) for a in args]
+        arrays = [a for a, keep in zip(args, is_array, strict=True) if keep]
+
+        def closed(*arrays):
+          it = iter(arrays)
+          return call(
+            *(
+              next(it) if keep else a
+              for a, keep in zip(args, is_array, strict=True)
+            )
+          )
+
+        return jax.jit(closed)(*arrays)
+    elif wrapper == "vmap":
+
+      def run(x, m, n, c):
+        # Two calls at once: the inputs, then their negation (same mask).
+        def pair(a, negate):
+          if a is None:
+            return None
+          negate = negate and a.dtype != jnp.bool_
+          return jnp.stack([a, -a if negate else a])
+
+        return jax.vmap(call, in_axes=(0, 0, 0, None))(
+          pair(x, True), pair(m, False), pair(n, False), c
+        )
+    elif wrapper == "grad":
+
+      def run(x, m, n, c):
+        return jax.grad(
+          lambda x: sum(
+            jnp.sum(leaf.astype(jnp.float32))
+            for leaf in jax.tree.leaves(call(x, m, n, c))
+          )
+        )(x)
+    else:
+      run = call
+    status, result = outcome(run, inputs, mask, lengths, initial)
+    # Layers take real floating-point inputs only (tokens go through an
+    # embedding first): other dtypes are an error that names the inputs.
+    real_float = case["dtype"] in FLOAT_DTYPES
+    if fault is not None or not real_float:
+      names = RNN_FAULTS[fault] if fault else ()
+      names += () if real_float else ("inputs",)
+      if status == "error":
+        self.assertNamesArgument(result, names, case)
+      elif not (value_fault and wrapper == "jit" and real_float):
+        self.fail(f"{case}: {fault or case['dtype']} was accepted")
+      return
+    self.assertEqual(status, "ok", f"{case}: {result!r}")
+    rtol, atol = tolerance(case["dtype"])
+    if wrapper == "vmap":
+      expected = []
+      for sign in (1, -1):
+        with time_limit():
+          expected.append(
+            model.apply(
+              params, sign * inputs, mask, lengths, initial, time_major, True
+            )
+          )
+      expected = jax.tree.map(lambda *leaves: jnp.stack(leaves), *expected)
+    elif wrapper == "grad":
+      with time_limit():
+        expected = jax.grad(
+          lambda x: sum(
+            jnp.sum(leaf.astype(jnp.float32))
+            for leaf in jax.tree.leaves(
+              model.apply(params, x, mask, lengths, initial, time_major, True)
+            )
+          )
+        )(inputs)
+    else:
+      with time_limit():
+        expected = model.apply(
+          params, inputs, mask, lengths, initial, time_major, True
+        )
+    self.assertTreeClose(result, expected, rtol, atol, case)
+
+  def _inject(
+    self, rng, fault, inputs, mask, lengths, initial, ids, batch_shape, time
+  ):
+    rows = int(np.prod(batch_shape, dtype=int))
+    if fault in ("negative_lengths", "long_lengths", "nan_lengths"):
+      if rows == 0:
+        return (None,) * 4
+      values = (ids != 0).sum(-1).reshape(batch_shape).astype(np.float32)
+      flat = values.reshape(-1)
+      flat[int(rng.integers(0, rows))] = {
+        "negative_lengths": -1,
+        "long_lengths": time + 1,
+        "nan_lengths": np.nan,
+      }[fault]
+      lengths = jnp.asarray(
+        values if fault == "nan_lengths" else values.astype(np.int32)
+      )
+      return inputs, None, lengths, initial
+    if fault == "lengths_shape":
+      return inputs, None, jnp.zeros((*batch_shape, 2), jnp.int32), initial
+    if fault == "lengths_object":
+      return inputs, None, JUNK[int(rng.integers(0, len(JUNK)))], initial
+    if fault in ("gap", "decreasing", "negative", "recurring"):
+      bad = corrupt_ids(rng, ids, fault)
+      if bad is None:
+        return (None,) * 4
+      return inputs, jnp.asarray(bad.reshape(*batch_shape, time)), None, initial
+    if fault == "mask_rank":
+      return inputs, jnp.ones((*batch_shape, time, 2), jnp.int32), None, initial
+    if fault == "float_mask":
+      return inputs, jnp.ones((*batch_shape, time), jnp.float32), None, initial
+    if fault == "mask_object":
+      return inputs, JUNK[int(rng.integers(0, len(JUNK)))], None, initial
+    if fault == "both":
+      return (
+        inputs,
+        jnp.ones((*batch_shape, time), jnp.int32),
+        jnp.full(batch_shape, time, jnp.int32),
+        initial,
+      )
+    if fault == "carry_shape":
+      if initial is None:
+        return (None,) * 4
+      return (
+        inputs,
+        mask,
+        lengths,
+        jax.tree.map(
+          lambda leaf: jnp.zeros((*leaf.shape[:-1], leaf.shape[-1] + 1)),
+          initial,
+        ),
+      )
+    if fault == "carry_structure":
+      return inputs, mask, lengths, (jnp.zeros(3),) * 3
+    if fault == "inputs_rank":
+      return inputs.reshape(-1), None, None, None
+    if fault == "inputs_object":
+      return JUNK[int(rng.integers(0, len(JUNK)))], None, None, None
+    raise AssertionError(fault)
+
+
+if __name__ == "__main__":
+  absltest.main()
