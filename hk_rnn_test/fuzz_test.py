@@ -36,6 +36,9 @@ import functools
 import os
 import signal
 
+# Keras 3 on JAX, as interop_test runs it (its default backend is absent).
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import haiku as hk
 import hypothesis
 import jax
@@ -675,6 +678,628 @@ class RNNFuzzTest(FuzzCase):
     if fault == "inputs_object":
       return JUNK[int(rng.integers(0, len(JUNK)))], None, None, None
     raise AssertionError(fault)
+
+
+# --------------------------------------------------------------------------
+# flip_sequences and last_segment_ids.
+
+SEQUENCE_FAULTS = {
+  "negative_lengths": ("seq_lengths",),
+  "long_lengths": ("seq_lengths",),
+  "nan_lengths": ("seq_lengths",),
+  "lengths_shape": ("seq_lengths",),
+  "lengths_object": ("seq_lengths",),
+  "gap": ("segmentation_mask",),
+  "decreasing": ("segmentation_mask",),
+  "negative": ("segmentation_mask",),
+  "recurring": ("segmentation_mask",),
+  "mask_rank": ("segmentation_mask",),
+  "float_mask": ("segmentation_mask",),
+  "mask_object": ("segmentation_mask",),
+  "both": ("seq_lengths", "segmentation_mask"),
+  "num_batch_dims": ("num_batch_dims",),
+  "inputs_rank": ("inputs",),
+  "inputs_object": ("inputs",),
+  "leaves_differ": ("inputs", "leaf"),
+}
+
+
+@st.composite
+def flip_cases(draw):
+  return {
+    "batch_shape": draw(st.sampled_from(BATCH_SHAPES)),
+    "time": draw(st.sampled_from(TIMES)),
+    "features": draw(st.sampled_from(((), (2,), (1, 2)))),
+    "time_major": draw(st.booleans()),
+    "dtype": draw(st.sampled_from(INPUT_DTYPES)),
+    "pytree": draw(st.booleans()),
+    "by": draw(st.sampled_from(("none", "lengths", "mask", "packed"))),
+    "wrapper": draw(st.sampled_from(("eager", "jit"))),
+    "fault": draw(st.sampled_from((None,) * 6 + tuple(SEQUENCE_FAULTS))),
+    "seed": draw(st.integers(0, 2**16)),
+  }
+
+
+def numpy_flip(values, ids):
+  """`(rows, time, ...)` with each segment of each row reversed in place."""
+  flipped = values.copy()
+  for r in range(ids.shape[0]):
+    for steps in _segments(ids[r]):
+      flipped[r, steps] = values[r, steps[::-1]]
+  return flipped
+
+
+class SequencesFuzzTest(FuzzCase):
+  @_settings("flip")
+  @hypothesis.given(flip_cases())
+  def test_flip_sequences(self, case):
+    rng = np.random.default_rng(case["seed"])
+    batch_shape, time = case["batch_shape"], case["time"]
+    rows = int(np.prod(batch_shape, dtype=int))
+    shape = (*batch_shape, time, *case["features"])
+    values = rng.normal(size=shape).astype("float32")
+    x = to_dtype(values, case["dtype"])
+    ids = random_ids(rng, rows, time, packed=case["by"] == "packed")
+    mask = lengths = None
+    if case["by"] == "lengths":
+      lengths = jnp.asarray((ids != 0).sum(-1).reshape(batch_shape))
+    elif case["by"] in ("mask", "packed"):
+      mask = jnp.asarray(ids.reshape(*batch_shape, time))
+    num_batch_dims = len(batch_shape)
+    fault = case["fault"]
+    if fault == "num_batch_dims":
+      num_batch_dims = [-1, "1", 1.5][int(rng.integers(0, 3))]
+    elif fault == "inputs_rank":
+      x = jnp.zeros(())  # no time axis, whatever num_batch_dims
+    elif fault == "leaves_differ":
+      if not case["pytree"]:
+        return
+    elif fault is not None:
+      x, mask, lengths, _ = RNNFuzzTest._inject(
+        None, rng, fault, x, mask, lengths, None, ids, batch_shape, time
+      )
+      if x is None:
+        return
+    inputs = x
+    if (
+      case["time_major"]
+      and isinstance(x, jax.Array)
+      and x.ndim > len(batch_shape)
+    ):
+      inputs = jnp.moveaxis(x, len(batch_shape), 0)
+      if isinstance(mask, jax.Array) and mask.ndim == len(batch_shape) + 1:
+        mask = jnp.moveaxis(mask, -1, 0)
+    if case["pytree"]:
+      second = inputs
+      if fault == "leaves_differ" and hasattr(inputs, "ndim"):
+        # One more step or row: the leading axes differ.
+        shape = np.shape(inputs)
+        second = jnp.zeros((shape[0] + 1, *shape[1:]))
+      inputs = {"a": inputs, "b": (second,)}
+
+    def call(inputs, mask, lengths):
+      return hk_rnn.flip_sequences(
+        inputs,
+        mask,
+        seq_lengths=lengths,
+        num_batch_dims=num_batch_dims,
+        time_major=case["time_major"],
+      )
+
+    run = call
+    if case["wrapper"] == "jit" and fault not in (
+      "inputs_object",
+      "lengths_object",
+      "mask_object",
+      "num_batch_dims",
+    ):
+      run = jax.jit(call)
+    status, result = outcome(run, inputs, mask, lengths)
+    if fault is not None:
+      if status == "error":
+        self.assertNamesArgument(result, SEQUENCE_FAULTS[fault], case)
+      elif not (fault in VALUE_FAULTS and run is not call):
+        self.fail(f"{case}: {fault} was accepted")
+      return
+    self.assertEqual(status, "ok", f"{case}: {result!r}")
+    leaves = jax.tree.leaves(result)
+    for leaf in leaves:
+      leaf = np.asarray(leaf)
+      if case["time_major"]:
+        leaf = np.moveaxis(leaf, 0, len(batch_shape))
+      self.assertEqual(leaf.dtype, np.asarray(x).dtype, case)
+      size = int(np.prod(case["features"], dtype=int))
+      got = leaf.reshape(rows, time, size)
+      want = numpy_flip(np.asarray(x).reshape(rows, time, size), ids)
+      valid = ids != 0
+      if case["by"] == "none":
+        valid = np.ones_like(valid)
+        want = np.asarray(x).reshape(rows, time, size)[:, ::-1]
+      np.testing.assert_array_equal(got[valid], want[valid], err_msg=str(case))
+
+  @_settings("last_segment_ids")
+  @hypothesis.given(
+    st.sampled_from(BATCH_SHAPES),
+    st.sampled_from(TIMES),
+    st.booleans(),
+    st.sampled_from(("none", "given", "wrong_shape", "float", "object")),
+    st.sampled_from(
+      (None,) * 4
+      + (
+        "gap",
+        "decreasing",
+        "negative",
+        "recurring",
+        "float_mask",
+        "mask_object",
+        "no_time_axis",
+      )
+    ),
+    st.sampled_from(("eager", "jit")),
+    st.integers(0, 2**16),
+  )
+  def test_last_segment_ids(
+    self, batch_shape, time, time_major, previous_kind, fault, wrapper, seed
+  ):
+    case = (batch_shape, time, time_major, previous_kind, fault, wrapper, seed)
+    rng = np.random.default_rng(seed)
+    rows = int(np.prod(batch_shape, dtype=int))
+    ids = random_ids(rng, rows, time, packed=True)
+    mask = jnp.asarray(ids.reshape(*batch_shape, time))
+    previous_values = rng.integers(0, 5, size=batch_shape).astype(np.int32)
+    previous = {
+      "none": None,
+      "given": jnp.asarray(previous_values),
+      "wrong_shape": jnp.zeros((*batch_shape, 2), jnp.int32),
+      "float": jnp.asarray(previous_values, jnp.float32),
+      "object": "abc",
+    }[previous_kind]
+    names = ("previous",) if previous_kind not in ("none", "given") else ()
+    if fault in ("gap", "decreasing", "negative", "recurring"):
+      bad = corrupt_ids(rng, ids, fault)
+      if bad is None:
+        return
+      mask = jnp.asarray(bad.reshape(*batch_shape, time))
+    elif fault == "float_mask":
+      mask = mask.astype(jnp.float32)
+    elif fault == "mask_object":
+      mask = JUNK[int(rng.integers(0, len(JUNK)))]
+    elif fault == "no_time_axis":
+      mask = jnp.ones((), jnp.int32)
+    if fault is not None:
+      names += ("segmentation_mask",)
+    if time_major and isinstance(mask, jax.Array) and mask.ndim > 1:
+      mask = jnp.moveaxis(mask, -1, 0)
+
+    def call(mask, previous):
+      return hk_rnn.last_segment_ids(mask, previous, time_major=time_major)
+
+    arrays = isinstance(mask, jax.Array) and (
+      previous is None or isinstance(previous, jax.Array)
+    )
+    run = jax.jit(call) if wrapper == "jit" and arrays else call
+    status, result = outcome(run, mask, previous)
+    if names:
+      if status == "error":
+        self.assertNamesArgument(result, names, case)
+      elif not (fault in VALUE_FAULTS and run is not call and len(names) == 1):
+        self.fail(f"{case}: accepted")
+      return
+    self.assertEqual(status, "ok", f"{case}: {result!r}")
+    want = np.asarray(
+      [
+        ids[r][ids[r] != 0][-1]
+        if (ids[r] != 0).any()
+        else (previous_values.reshape(-1)[r] if previous is not None else 0)
+        for r in range(rows)
+      ],
+      np.int32,
+    ).reshape(batch_shape)
+    np.testing.assert_array_equal(np.asarray(result), want, err_msg=str(case))
+    self.assertEqual(np.asarray(result).dtype, np.int32)
+
+
+# --------------------------------------------------------------------------
+# pack_sequences, unpack_sequences and unpack_segments.
+
+
+def first_fit_decreasing_rows(lengths, row_length, cap):
+  """How many rows first-fit decreasing needs (the bound pack must meet)."""
+  room, counts = [], []
+  for length in sorted(lengths, reverse=True):
+    for r in range(len(room)):
+      if room[r] >= length and (cap is None or counts[r] < cap):
+        room[r] -= length
+        counts[r] += 1
+        break
+    else:
+      room.append(row_length - length)
+      counts.append(1)
+  return len(room)
+
+
+PACKING_FAULTS = {
+  "empty": ("sequences",),
+  "not_a_list": ("sequences",),
+  "too_long": ("row_length", "sequence"),
+  "features_differ": ("sequence", "feature"),
+  "dtypes_differ": ("sequence", "dtype"),
+  "row_length": ("row_length",),
+  "num_rows": ("num_rows",),
+  "max_segments": ("max_segments",),
+  "object_sequence": ("sequence",),
+  "wrong_packed": ("packed",),
+  "outputs_shape": ("outputs",),
+  "carry_shape": ("segment_carries", "max_segments"),
+}
+
+
+@st.composite
+def packing_cases(draw):
+  count = draw(st.integers(1, 6))
+  return {
+    "lengths": draw(
+      st.lists(st.integers(0, 5), min_size=count, max_size=count)
+    ),
+    "features": draw(st.sampled_from(((), (2,), (1, 2)))),
+    "dtype": draw(st.sampled_from(INPUT_DTYPES)),
+    "row_length": draw(st.integers(5, 8)),
+    "max_segments": draw(st.sampled_from((None, 1, 2, 3))),
+    "extra_rows": draw(st.sampled_from((None, 0, 2))),
+    "fault": draw(st.sampled_from((None,) * 6 + tuple(PACKING_FAULTS))),
+    "wrapper": draw(st.sampled_from(("eager", "jit", "grad"))),
+    "seed": draw(st.integers(0, 2**16)),
+  }
+
+
+class PackingFuzzTest(FuzzCase):
+  @_settings("packing")
+  @hypothesis.given(packing_cases())
+  def test_pack_and_unpack(self, case):
+    rng = np.random.default_rng(case["seed"])
+    features, lengths = case["features"], case["lengths"]
+    # Each sequence's values say which it is and which step: 10 i + t.
+    sequences = [
+      np.broadcast_to(
+        (10 * i + np.arange(n)).reshape((n,) + (1,) * len(features)),
+        (n, *features),
+      ).astype(np.float32)
+      for i, n in enumerate(lengths)
+    ]
+    sequences = [np.asarray(to_dtype(s, case["dtype"])) for s in sequences]
+    if case["dtype"] in ("float16", "bfloat16", "float64", "float32"):
+      sequences = [s.astype(np.float32) for s in sequences]
+    row_length, cap = case["row_length"], case["max_segments"]
+    needed = first_fit_decreasing_rows(lengths, row_length, cap)
+    num_rows = (
+      None if case["extra_rows"] is None else needed + case["extra_rows"]
+    )
+    fault = case["fault"]
+    args = [sequences, row_length]
+    options = {"num_rows": num_rows, "max_segments": cap}
+    if fault == "empty":
+      args[0] = []
+    elif fault == "not_a_list":
+      args[0] = ["abc", np.zeros(3), 7][int(rng.integers(0, 3))]
+    elif fault == "too_long":
+      args[0] = [
+        *sequences,
+        np.zeros((row_length + 1, *features), sequences[0].dtype),
+      ]
+    elif fault == "features_differ":
+      args[0] = [*sequences, np.zeros((1, *features, 3), sequences[0].dtype)]
+    elif fault == "dtypes_differ":
+      other = np.int32 if sequences[0].dtype != np.int32 else np.float32
+      args[0] = [*sequences, np.zeros((1, *features), other)]
+    elif fault == "row_length":
+      args[1] = [0, -2, 2.5, "8", None][int(rng.integers(0, 5))]
+    elif fault == "num_rows":
+      if not any(lengths):
+        return
+      options["num_rows"] = [0, -1, "2", 1.5][int(rng.integers(0, 4))]
+      if needed > 1 and rng.random() < 0.5:
+        options["num_rows"] = needed - 1
+    elif fault == "max_segments":
+      options["max_segments"] = [0, -1, 1.5, "2", True][int(rng.integers(0, 5))]
+    elif fault == "object_sequence":
+      args[0] = [*sequences, {"a": 1}]
+    status, packed = outcome(hk_rnn.pack_sequences, *args, **options)
+    if fault in PACKING_FAULTS and fault not in (
+      "wrong_packed",
+      "outputs_shape",
+      "carry_shape",
+    ):
+      if status == "error":
+        self.assertNamesArgument(packed, PACKING_FAULTS[fault], case)
+      else:
+        self.fail(f"{case}: {fault} was accepted")
+      return
+    self.assertEqual(status, "ok", f"{case}: {packed!r}")
+    # Every sequence sits whole in its row, as its own segment.
+    self.assertLessEqual(packed.num_rows, max(needed, num_rows or 0), case)
+    if num_rows is not None:
+      self.assertEqual(packed.num_rows, num_rows, case)
+    mask = np.asarray(packed.segmentation_mask)
+    for i, sequence in enumerate(sequences):
+      row, start, slot = packed.rows[i], packed.starts[i], packed.slots[i]
+      n = lengths[i]
+      np.testing.assert_array_equal(
+        packed.inputs[row, start : start + n], sequence, err_msg=str(case)
+      )
+      self.assertTrue((mask[row, start : start + n] == slot + 1).all(), case)
+    for row in mask:
+      self.assertLessEqual(len(_segments(row)), packed.max_segments, case)
+      if cap is not None:
+        self.assertLessEqual(len(_segments(row)), cap, case)
+    outputs = jnp.asarray(packed.inputs)
+    carries = jnp.asarray(
+      100 * np.arange(packed.num_rows)[:, None]
+      + np.arange(packed.max_segments)[None, :],
+      jnp.float32,
+    )[..., None]
+    if fault == "wrong_packed":
+      packed = [packed.inputs, mask, object()][int(rng.integers(0, 3))]
+    elif fault == "outputs_shape":
+      outputs = outputs[:, :-1] if rng.random() < 0.5 else outputs[0]
+    elif fault == "carry_shape":
+      carries = carries[:, :1, 0] if rng.random() < 0.5 else carries[:-1]
+      if packed.num_rows == 0:
+        return
+
+    def unpack(outputs, carries):
+      return (
+        hk_rnn.unpack_sequences(outputs, packed),
+        hk_rnn.unpack_segments(carries, packed),
+      )
+
+    wrapper = case["wrapper"]
+    real_float = jnp.issubdtype(outputs.dtype, jnp.floating)
+    if wrapper == "jit":
+      run = jax.jit(unpack)
+    elif wrapper == "grad" and real_float:
+
+      def run(outputs, carries):
+        return jax.grad(
+          lambda o: jnp.sum(unpack(o, carries)[0].astype(jnp.float32))
+        )(outputs), unpack(outputs, carries)[1]
+    else:
+      wrapper, run = "eager", unpack
+    status, result = outcome(run, outputs, carries)
+    if fault is not None:
+      if status == "error":
+        self.assertNamesArgument(result, PACKING_FAULTS[fault], case)
+      else:
+        self.fail(f"{case}: {fault} was accepted")
+      return
+    self.assertEqual(status, "ok", f"{case}: {result!r}")
+    unpacked, per_sequence = result
+    longest = max(lengths)
+    if wrapper == "grad":
+      # d sum(unpacked) / d outputs: 1 at every step a sequence occupies.
+      self.assertEqual(unpacked.shape, outputs.shape)
+      np.testing.assert_array_equal(
+        np.asarray(unpacked).reshape(mask.shape + (-1,)).max(-1),
+        (mask != 0).astype(np.float32),
+      )
+    else:
+      self.assertEqual(
+        unpacked.shape, (len(sequences), longest, *features), case
+      )
+      for i, sequence in enumerate(sequences):
+        np.testing.assert_array_equal(
+          np.asarray(unpacked[i, : lengths[i]]), sequence, err_msg=str(case)
+        )
+        self.assertFalse(np.asarray(unpacked[i, lengths[i] :]).any(), case)
+    np.testing.assert_array_equal(
+      np.asarray(per_sequence)[:, 0],
+      100 * packed.rows + packed.slots,
+      err_msg=str(case),
+    )
+
+
+# --------------------------------------------------------------------------
+# CoreCell, CellCore and interop: argument checking and one-step agreement.
+
+
+@st.composite
+def core_cases(draw):
+  return {
+    "what": draw(st.sampled_from(("cell_core", "core_cell"))),
+    "kind": draw(st.sampled_from(("lstm", "gru", "min_gru", "conv_lstm"))),
+    "batch": draw(st.sampled_from((None, 0, 1, 3))),
+    "time": draw(st.sampled_from((0, 1, 3))),
+    "fault": draw(
+      st.sampled_from(
+        (None,) * 3 + ("wrapped", "option", "batch_size", "inputs")
+      )
+    ),
+    "junk": draw(
+      st.sampled_from(
+        ("abc", None, 0, -1, 1.5, True, (2, -1), {"a": 1}, object())
+      )
+    ),
+    "seed": draw(st.integers(0, 2**16)),
+  }
+
+
+class CoresFuzzTest(FuzzCase):
+  @_settings("cores")
+  @hypothesis.given(core_cases())
+  def test_cores(self, case):
+    rng = np.random.default_rng(case["seed"])
+    kind, batch, time, fault = (
+      case["kind"],
+      case["batch"],
+      case["time"],
+      case["fault"],
+    )
+    features = feature_shape(kind)
+    junk = case["junk"]
+    batch_axes = () if batch is None else (batch,)
+    xs = jnp.asarray(
+      rng.normal(size=(time, *batch_axes, *features)), jnp.float32
+    )
+    if case["what"] == "cell_core":
+      names = {
+        "wrapped": ("cell",),
+        "option": ("input_shape",),
+        "batch_size": ("batch_size",),
+        "inputs": ("inputs",),
+      }
+
+      def build():
+        cell = make_cell(kind, 0) if fault != "wrapped" else junk
+        options = {}
+        if kind == "conv_lstm" or fault == "option":
+          options["input_shape"] = junk if fault == "option" else features
+        return hk_rnn.CellCore(cell, **options)
+
+      def forward(xs):
+        core = build()
+        state = core.initial_state(junk if fault == "batch_size" else batch)
+        if fault == "inputs":
+          return core(junk, state)
+        unrolled, _ = hk.dynamic_unroll(core, xs, state)
+        cell = core._cell if hasattr(core, "_cell") else None  # noqa: SLF001
+        del cell
+        return unrolled, state
+
+      def oracle(xs):
+        cell = make_cell(kind, 0)
+        carry = cell.initialize_carry(jnp.zeros((*batch_axes, *features)))
+        ys = []
+        for t in range(time):
+          carry, y = cell(carry, xs[t])
+          ys.append(y)
+        return ys
+    else:
+      names = {
+        "wrapped": ("core",),
+        "option": ("num_feature_axes",),
+        "batch_size": ("core", "num_feature_axes", "inputs"),
+        "inputs": ("inputs",),
+      }
+      if kind == "conv_lstm":
+        return  # CoreCell wraps Haiku cores; the kind only picks features
+
+      def make_core():
+        return (
+          hk.GRU(HIDDEN, name="core")
+          if kind == "gru"
+          else hk.LSTM(HIDDEN, name="core")
+        )
+
+      def forward(xs):
+        options = {}
+        if fault in ("option", "batch_size"):
+          options["num_feature_axes"] = junk
+        cell = hk_rnn.CoreCell(
+          junk if fault == "wrapped" else make_core(), **options
+        )
+        if fault == "inputs":
+          return cell.initialize_carry(junk)
+        carry = cell.initialize_carry(jnp.zeros((*batch_axes, *features)))
+        ys = []
+        for t in range(time):
+          carry, y = cell(carry, xs[t])
+          ys.append(y)
+        return ys
+
+      def oracle(xs):
+        core = make_core()
+        state = core.initial_state(batch)
+        ys = []
+        for t in range(time):
+          y, state = core(xs[t], state)
+          ys.append(y)
+        return ys
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    status, params = outcome(model.init, jax.random.PRNGKey(0), xs)
+    if status == "ok":
+      status, result = outcome(model.apply, params, xs)
+    else:
+      result = params
+    if fault is not None:
+      # A junk value that is also valid (0 or 1 feature axes, batch size
+      # None or 0) may be accepted; anything refused must say why.
+      if status == "error":
+        self.assertNamesArgument(result, names[fault], case)
+      return
+    self.assertEqual(status, "ok", f"{case}: {result!r}")
+    with time_limit():
+      expected = hk.without_apply_rng(hk.transform(oracle)).apply(params, xs)
+    if case["what"] == "cell_core":
+      result = list(result[0]) if time else []
+    self.assertTreeClose(list(result), list(expected), 1e-5, 1e-6, case)
+
+  @_settings("interop")
+  @hypothesis.given(
+    st.sampled_from(
+      ("from_torch", "to_torch", "from_flax", "from_keras", "from_haiku")
+    ),
+    st.sampled_from(("source", "params")),
+    st.sampled_from(
+      (
+        "abc",
+        None,
+        3,
+        1.5,
+        {},
+        {"a": 1},
+        [1, 2],
+        object(),
+        "wrong_shape",
+        "wrong_kind",
+        "nested_junk",
+      )
+    ),
+  )
+  def test_interop_argument_checks(self, function, argument, junk):
+    case = (function, argument, junk)
+    params = _lstm_params()
+    if junk == "wrong_shape":
+      junk = jax.tree.map(lambda leaf: np.zeros(leaf.shape + (1,)), params)
+    elif junk == "wrong_kind":
+      junk = {"rnn/gru_cell": {"w_i": np.zeros((3, 6))}}
+    elif junk == "nested_junk":
+      junk = {"a": {"b": "c"}}
+    call = getattr(hk_rnn.interop, function)
+    if argument == "params":
+      source = (
+        _torch_lstm()
+        if function in ("from_torch", "to_torch")
+        else (params if function == "from_haiku" else {"params": {}})
+      )
+      args = (junk, source) if function == "to_torch" else (source, junk)
+      names = ("params",)
+    else:
+      args = (params, junk) if function == "to_torch" else (junk, params)
+      names = {
+        "from_torch": ("source", "state dict", "prefix"),
+        "to_torch": ("module",),
+        "from_flax": ("variables",),
+        "from_keras": ("layer",),
+        "from_haiku": ("hk_params",),
+      }[function]
+    status, result = outcome(call, *args)
+    if status == "error":
+      self.assertNamesArgument(result, names + ("cell",), case)
+    else:
+      self.fail(f"{case}: accepted, returned {type(result).__name__}")
+
+
+@functools.cache
+def _lstm_params():
+  model = hk.without_apply_rng(
+    hk.transform(lambda x: hk_rnn.RNN(hk_rnn.LSTMCell(HIDDEN))(x))
+  )
+  return jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3))))
+
+
+def _torch_lstm():
+  torch = __import__("torch")
+  return torch.nn.LSTM(3, HIDDEN)
 
 
 if __name__ == "__main__":

@@ -208,9 +208,11 @@ class MultiProcessTest(parameterized.TestCase):
         losses[step], loss, delta=1e-5 * abs(loss), msg=f"step {step}"
       )
 
-  @parameterized.parameters(
-    ("addition",), ("classifier",), ("char_lm",), ("adding_problem",)
-  )
+  # The addition trainer's 2 x 2 runs are the signal and kill tests below,
+  # whose resumed losses must match its 1 x 4 run. The adding-problem
+  # trainer shares that trainer's loop and has no mask; a run of it costs
+  # CI time without covering more.
+  @parameterized.parameters(("classifier",), ("char_lm",))
   def test_two_processes_match_one(self, name):
     reference_dir, reference = self._reference(name)
     output_dir, results = self._run(name)
@@ -223,33 +225,24 @@ class MultiProcessTest(parameterized.TestCase):
     for _, stderr, _ in results:
       self.assertNotIn("Traceback", stderr)
 
-  def test_a_signal_to_one_process_stops_all_at_one_step(self):
+  @parameterized.parameters((1, "SIGTERM"), (0, "SIGINT"))
+  def test_a_signal_to_one_process_stops_all_at_one_step(self, victim, name):
     _, reference = self._reference("addition")
-    # SIGTERM reaches process 1 while it prepares step 3 (counting from 1):
-    # both processes finish step 3, save it and exit 75.
+    # The signal reaches one process while it prepares step 3 (counting
+    # from 1): both processes finish step 3, save it and exit 75.
     output_dir, results = self._run(
       "addition",
-      signal_at=(1, 2, "SIGTERM"),
+      signal_at=(victim, 2, name),
       expect=(_EXIT_PREEMPTED, _EXIT_PREEMPTED),
     )
     self.assertEqual(sorted(train_losses(output_dir)), [1, 2, 3])
     self.assertEqual(examples_test.checkpoint_steps(output_dir), [2, 3])
     for _, stderr, _ in results:
-      self.assertIn("SIGTERM to process 1: stopped after step 3", stderr)
+      self.assertIn(f"{name} to process {victim}: stopped after step 3", stderr)
       self.assertNotIn("Traceback", stderr)
-    # Ctrl-C in process 0's terminal while it prepares step 5.
-    _, results = self._run(
-      "addition",
-      "--resume",
-      output_dir=output_dir,
-      signal_at=(0, 4, "SIGINT"),
-      expect=(_EXIT_PREEMPTED, _EXIT_PREEMPTED),
-    )
+    _, results = self._run("addition", "--resume", output_dir=output_dir)
     for _, stderr, _ in results:
       self.assertIn("Resumed from step 3.", stderr)
-      self.assertIn("SIGINT to process 0: stopped after step 5", stderr)
-    self.assertEqual(examples_test.checkpoint_steps(output_dir), [4, 5])
-    self._run("addition", "--resume", output_dir=output_dir)
     self.assertLossesMatch(train_losses(output_dir), reference)
 
   def test_a_killed_process_ends_the_others_and_resume_continues(self):

@@ -438,9 +438,14 @@ def flip_sequences(
       shape, both at once, or (when concrete) invalid mask or length values.
   """
   context = "flip_sequences"
-  if num_batch_dims < 0:
+  if (
+    isinstance(num_batch_dims, (bool, np.bool_))
+    or not isinstance(num_batch_dims, (int, np.integer))
+    or num_batch_dims < 0
+  ):
     raise ValueError(
-      f"{context}: num_batch_dims must be >= 0, got {num_batch_dims}"
+      f"{context}: num_batch_dims must be an int >= 0, got "
+      f"{abbreviate(num_batch_dims)}"
     )
   leaves = jax.tree.leaves(inputs)
   if not leaves:
@@ -506,8 +511,7 @@ def last_segment_ids(
       of a shape other than the mask's batch axes, or not integer.
   """
   context = "last_segment_ids"
-  mask = segmentation_mask
-  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  mask = as_array(segmentation_mask, context, "segmentation_mask")
   axes = "(time, *batch)" if time_major else "(*batch, time)"
   if mask.ndim < 1:
     raise ValueError(
@@ -516,7 +520,7 @@ def last_segment_ids(
     )
   batch_shape = mask.shape[1:] if time_major else mask.shape[:-1]
   if previous is not None:
-    previous = jnp.asarray(previous) if is_concrete(previous) else previous
+    previous = as_array(previous, context, "previous")
     if tuple(previous.shape) != tuple(batch_shape):
       hint = ""
       if tuple(previous.shape) == tuple(mask.shape):
