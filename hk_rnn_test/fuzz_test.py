@@ -1302,5 +1302,75 @@ def _torch_lstm():
   return torch.nn.LSTM(3, HIDDEN)
 
 
+class FoundByFuzzingTest(FuzzCase):
+  """The failures the fuzzing found, pinned: each crashed before its fix."""
+
+  def test_empty_axes_run_and_differentiate(self):
+    # An empty time axis: RNN read inputs[0] (IndexError); the fused
+    # kernels reshaped with -1 (ZeroDivisionError) and sliced a step of an
+    # empty buffer in their forward and backward scans (TypeError).
+    for kind in ("lstm", "gru", "conv_lstm", "min_gru"):
+      for shape in ((3, 0), (0, 2), (0, 0)):
+        x = jnp.ones((*shape, *feature_shape(kind)))
+        model = hk.without_apply_rng(
+          hk.transform(lambda x, kind=kind: hk_rnn.RNN(make_cell(kind, 0))(x))
+        )
+        params = model.init(jax.random.PRNGKey(0), x)
+
+        def loss(p, x, model=model):
+          carry, y = model.apply(p, x)
+          return jnp.sum(y) + sum(jnp.sum(c) for c in jax.tree.leaves(carry))
+
+        with time_limit():
+          carry, y = model.apply(params, x)
+          grads = jax.grad(loss, argnums=(0, 1))(params, x)
+        spatial = feature_shape(kind)[:-1]
+        self.assertEqual(y.shape, (*shape, *spatial, HIDDEN))
+        for leaf in jax.tree.leaves((carry, grads)):
+          self.assertFalse(np.asarray(leaf).any(), (kind, shape))
+
+  def test_python_objects_are_named_errors(self):
+    x = jnp.ones((2, 3, 1))
+    model = hk.without_apply_rng(
+      hk.transform(
+        lambda x, m=None, n=None: hk_rnn.RNN(hk_rnn.GRUCell(2))(
+          x, m, seq_lengths=n
+        )
+      )
+    )
+    params = model.init(jax.random.PRNGKey(0), x)
+    for call, argument in (
+      (lambda: model.apply(params, "abc"), "inputs"),
+      (lambda: model.apply(params, x, {"a": 1}), "segmentation_mask"),
+      (lambda: model.apply(params, x, None, object()), "seq_lengths"),
+      (lambda: hk_rnn.last_segment_ids("abc"), "segmentation_mask"),
+      (lambda: hk_rnn.last_segment_ids(jnp.ones((2, 3)), {}), "previous"),
+      (lambda: hk_rnn.flip_sequences(x, num_batch_dims="1"), "num_batch_dims"),
+    ):
+      with self.assertRaisesRegex((TypeError, ValueError), argument):
+        call()
+
+  def test_cores_refuse_what_they_cannot_run(self):
+    def cell_core(input_shape=None, batch_size=2, inputs=None):
+      core = hk_rnn.CellCore(hk_rnn.LSTMCell(2), input_shape=input_shape)
+      return core(inputs, core.initial_state(batch_size))
+
+    for options, argument in (
+      ({"input_shape": 0}, "input_shape"),
+      ({"batch_size": "2"}, "batch_size"),
+      ({"batch_size": -1}, "batch_size"),
+      ({"inputs": "abc"}, "inputs"),
+      ({"inputs": jnp.float32(1.0)}, "inputs"),
+    ):
+      with self.assertRaisesRegex((TypeError, ValueError), argument):
+        hk.transform(lambda options=options: cell_core(**options)).init(
+          jax.random.PRNGKey(0)
+        )
+    with self.assertRaisesRegex(TypeError, "inputs"):
+      hk.transform(lambda: hk_rnn.CoreCell(hk.LSTM(2))(None, "abc")).init(
+        jax.random.PRNGKey(0)
+      )
+
+
 if __name__ == "__main__":
   absltest.main()
