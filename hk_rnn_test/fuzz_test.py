@@ -578,7 +578,15 @@ class RNNFuzzTest(FuzzCase):
         )(x)
     else:
       run = call
+    hypothesis.event(
+      "callable: "
+      + {"bidirectional": "Bidirectional", "stacked": "StackedRNN"}.get(
+        arch, "RNN"
+      )
+    )
+    hypothesis.event(f"cell: {kind}")
     status, result = outcome(run, inputs, mask, lengths, initial)
+    hypothesis.event(f"outcome: {status}")
     # Layers take real floating-point inputs only (tokens go through an
     # embedding first): other dtypes are an error that names the inputs.
     real_float = case["dtype"] in FLOAT_DTYPES
@@ -795,6 +803,7 @@ class SequencesFuzzTest(FuzzCase):
     ):
       run = jax.jit(call)
     status, result = outcome(run, inputs, mask, lengths)
+    hypothesis.event(f"outcome: {status}")
     if fault is not None:
       if status == "error":
         self.assertNamesArgument(result, SEQUENCE_FAULTS[fault], case)
@@ -879,6 +888,7 @@ class SequencesFuzzTest(FuzzCase):
     )
     run = jax.jit(call) if wrapper == "jit" and arrays else call
     status, result = outcome(run, mask, previous)
+    hypothesis.event(f"outcome: {status}")
     if names:
       if status == "error":
         self.assertNamesArgument(result, names, case)
@@ -1004,6 +1014,7 @@ class PackingFuzzTest(FuzzCase):
     elif fault == "object_sequence":
       args[0] = [*sequences, {"a": 1}]
     status, packed = outcome(hk_rnn.pack_sequences, *args, **options)
+    hypothesis.event(f"pack_sequences: {status}")
     if fault in PACKING_FAULTS and fault not in (
       "wrong_packed",
       "outputs_shape",
@@ -1065,6 +1076,7 @@ class PackingFuzzTest(FuzzCase):
     else:
       wrapper, run = "eager", unpack
     status, result = outcome(run, outputs, carries)
+    hypothesis.event(f"unpack_sequences/unpack_segments: {status}")
     if fault is not None:
       if status == "error":
         self.assertNamesArgument(result, PACKING_FAULTS[fault], case)
@@ -1214,6 +1226,9 @@ class CoresFuzzTest(FuzzCase):
           ys.append(y)
         return ys
 
+    hypothesis.event(
+      "callable: " + ("CellCore" if case["what"] == "cell_core" else "CoreCell")
+    )
     model = hk.without_apply_rng(hk.transform(forward))
     status, params = outcome(model.init, jax.random.PRNGKey(0), xs)
     if status == "ok":
@@ -1282,6 +1297,7 @@ class CoresFuzzTest(FuzzCase):
         "from_keras": ("layer",),
         "from_haiku": ("hk_params",),
       }[function]
+    hypothesis.event(f"callable: interop.{function}")
     status, result = outcome(call, *args)
     if status == "error":
       self.assertNamesArgument(result, names + ("cell",), case)
