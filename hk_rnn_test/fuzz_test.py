@@ -1287,7 +1287,11 @@ class CoresFuzzTest(FuzzCase):
         else (params if function == "from_haiku" else {"params": {}})
       )
       args = (junk, source) if function == "to_torch" else (source, junk)
-      names = ("params",)
+      # No Flax or Keras model is built here: their source is refused too.
+      names = {
+        "from_flax": ("params", "variables"),
+        "from_keras": ("params", "layer"),
+      }.get(function, ("params",))
     else:
       args = (params, junk) if function == "to_torch" else (junk, params)
       names = {
