@@ -438,14 +438,16 @@ def flip_sequences(
       shape, both at once, or (when concrete) invalid mask or length values.
   """
   context = "flip_sequences"
-  if (
-    isinstance(num_batch_dims, (bool, np.bool_))
-    or not isinstance(num_batch_dims, (int, np.integer))
-    or num_batch_dims < 0
+  if isinstance(num_batch_dims, (bool, np.bool_)) or not isinstance(
+    num_batch_dims, (int, np.integer)
   ):
-    raise ValueError(
-      f"{context}: num_batch_dims must be an int >= 0, got "
+    raise TypeError(
+      f"{context}: num_batch_dims must be an int, got "
       f"{abbreviate(num_batch_dims)}"
+    )
+  if num_batch_dims < 0:
+    raise ValueError(
+      f"{context}: num_batch_dims must be >= 0, got {num_batch_dims}"
     )
   leaves = jax.tree.leaves(inputs)
   if not leaves:
