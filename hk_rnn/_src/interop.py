@@ -206,8 +206,8 @@ def _match(
   """Pairs source layers with cells; any mismatch is a ValueError."""
   if not layers:
     raise ValueError(
-      f"{context}: {_SOURCE_ARGUMENT.get(context, 'the source')} holds no "
-      "recurrent layer"
+      f"{context}: the source holds no recurrent layer (nothing in "
+      f"{_SOURCE_ARGUMENT.get(context, 'it')} is one)"
     )
   if len(layers) != len(cells):
     if len(cells) < len(layers):
