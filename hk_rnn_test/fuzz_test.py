@@ -1053,7 +1053,8 @@ class PackingFuzzTest(FuzzCase):
     elif fault == "outputs_shape":
       outputs = outputs[:, :-1] if rng.random() < 0.5 else outputs[0]
     elif fault == "carry_shape":
-      carries = carries[:, :1, 0] if rng.random() < 0.5 else carries[:-1]
+      # Too few rows, or no slot at all (every sequence needs one).
+      carries = carries[:-1] if rng.random() < 0.5 else carries[:, :0]
       if packed.num_rows == 0:
         return
 
@@ -1155,7 +1156,7 @@ class CoresFuzzTest(FuzzCase):
       names = {
         "wrapped": ("cell",),
         "option": ("input_shape",),
-        "batch_size": ("batch_size",),
+        "batch_size": ("batch_size", "prev_state"),
         "inputs": ("inputs",),
       }
 

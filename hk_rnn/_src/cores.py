@@ -221,8 +221,30 @@ class CellCore(hk.RNNCore):
         f"CellCore: inputs must have {self.cell.num_feature_axes} feature "
         f"axes for {type(self.cell).__name__}, got shape {inputs.shape}"
       )
+    self._check_state(prev_state, inputs)
     state, outputs = self.cell(prev_state, inputs)
     return outputs, state
+
+  def _check_state(self, prev_state: Any, inputs: Array) -> None:
+    """Refuses a state that is not the cell's carry for ``inputs``.
+
+    (Under ``hk.dynamic_unroll`` a mismatch would surface as a scan error
+    about carry types, naming nothing the caller passed.)
+    """
+    sample = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+    # A throwaway key: only shapes are computed.
+    expected = hk.eval_shape(
+      lambda s: self.cell.initialize_carry(s, rng=jax.random.PRNGKey(0)),
+      sample,
+    )
+    shapes = jax.tree.map(lambda leaf: tuple(np.shape(leaf)), prev_state)
+    wanted = jax.tree.map(lambda leaf: tuple(leaf.shape), expected)
+    if shapes != wanted:
+      raise ValueError(
+        f"CellCore: prev_state must be the cell's carry for inputs of shape "
+        f"{tuple(inputs.shape)} (initial_state(batch_size) with the inputs' "
+        f"batch size), shapes {wanted}; got {shapes}"
+      )
 
   def initial_state(self, batch_size: int | None) -> Any:
     """The cell's initial carry for ``batch_size`` rows (none when None)."""
