@@ -165,6 +165,7 @@ class _PeerWatch:
 
   def _stop(self, peer: int, why: str) -> None:
     """Says which process is gone, then ends this one at once."""
+    sys.stderr.write("\n")  # off the progress bar's line
     logging.error(
       "process %d is gone (%s); process %d stops too. %s",
       peer,
