@@ -66,7 +66,7 @@ def _onednn_extensions():
   ffi_include = os.path.join(os.path.dirname(jaxlib.origin), "include")
   return [
     setuptools.Extension(
-      "hk_rnn._src._onednn_lstm",
+      "hk_rnn._src.kernels._onednn_lstm",
       sources=["csrc/onednn_lstm.cc"],
       language="c++",
       # -isystem: the XLA and oneDNN headers' own warnings are not ours.

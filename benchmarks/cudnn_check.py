@@ -1,6 +1,6 @@
 """Checks and times the cuDNN LSTM path against the scan kernel, on a GPU.
 
-``python -m benchmarks.cudnn_check`` compares ``fused.lstm_sequence`` with
+``python -m benchmarks.cudnn_check`` compares ``dispatch.lstm_sequence`` with
 ``allow_cudnn=True`` (cuDNN through ``jax.experimental.rnn``) and ``False``
 (the scan kernel): outputs, final carry and the gradients of every argument,
 on rows of random lengths including an empty one, then times a training
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src import fused
+from hk_rnn._src.kernels import cudnn, dispatch
 
 
 def main(argv=None) -> None:
@@ -28,8 +28,9 @@ def main(argv=None) -> None:
   parser.add_argument("--features", type=int, default=256)
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args(argv)
-  if fused._platform() != "cuda":  # noqa: SLF001
-    raise SystemExit(f"cuDNN needs a CUDA GPU; this is {fused._platform()}")  # noqa: SLF001
+  platform = cudnn._platform()  # noqa: SLF001
+  if platform != "cuda":
+    raise SystemExit(f"cuDNN needs a CUDA GPU; this is {platform}")
 
   b, t, d, f = args.batch, args.time, args.inputs, args.features
   keys = jax.random.split(jax.random.key(0), 6)
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
 
   def run(allow_cudnn):
     def loss(inputs, w_i, w_h, bias, carry):
-      (c, h), outputs = fused.lstm_sequence(
+      (c, h), outputs = dispatch.lstm_sequence(
         inputs, w_i, w_h, bias, carry, valid=valid, allow_cudnn=allow_cudnn
       )
       weights = jnp.cos(jnp.arange(outputs.size)).reshape(outputs.shape)

@@ -1,30 +1,35 @@
-r"""Times recurrent training steps of hk_rnn and its peers side by side.
+r"""Times recurrent training and inference steps of hk_rnn and its peers.
 
-Every contender installed (hk_rnn with its fused kernels, which on CPU run
-an unmasked LSTM or GRU through oneDNN where the optional extension is
-built, without that extension, ``hk_rnn_no_onednn``, and through oneDNN's
-training primitives too, ``hk_rnn_onednn_training``; hk_rnn with ``fused=False``,
-a plain ``hk.scan`` of the cell; in masked cases also
-hk_rnn given no lengths, the cost of masking; Flax ``nn.RNN`` with
-``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell`` or ``MGUCell``; Haiku
-``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
+Contenders: hk_rnn with its default kernels (``hk_rnn``: ``auto``, see
+``hk_rnn.explain``), with the XLA kernels alone (``hk_rnn_xla``), with the
+compiled CPU kernels wherever they apply (``hk_rnn_compiled``, where
+built), stepping the cell in ``hk.scan`` (``hk_rnn_step``) and, in masked
+cases, given no lengths (``hk_rnn_unmasked``: the cost of masking); Flax
+``nn.RNN`` with ``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell`` or
+``MGUCell``; Haiku ``hk.LSTM``/``hk.GRU`` with ``hk.dynamic_unroll``; PyTorch
 ``nn.LSTM``/``nn.GRU``, with ``pack_padded_sequence`` where rows have
-lengths) runs the same case in one process. A training step is a jitted
-forward and backward pass of
-``loss = Σ outputs + Σ final carry`` with respect to the parameters;
-inference is the forward pass alone. Rounds interleave the contenders (the
-order rotates each round), each block starts with an untimed warm-up call,
-and the table reports the median over rounds.
+lengths.
+
+Every model is a realistic one: a dense input layer (``D → D``) before the
+recurrent layer and a loss over its outputs and final carry after it. A
+training step is a jitted forward and backward pass with respect to every
+parameter; inference is the forward pass alone, timed call by call (median
+and p99 over ``--calls`` calls).
+
+The method is :mod:`benchmarks.method`'s: each contender in its own
+process, ``--processes`` processes each in alternating order, the median of
+the per-process medians, the CPU model and the load recorded. Run it on an
+otherwise idle machine; ``--busy`` keeps one spinning process beside the
+benchmark, to see how each contender copes with a busy neighbour.
 
 GFLOP/s counts the matrix products of a dense run of all ``T`` steps
 (``2·B·T·(D+F)·G·F`` per direction forward, three times that for a training
 step), also for masked cases, where some contenders skip padded steps.
 Memory is XLA's compiled temporary buffer size for JAX contenders and, for
 PyTorch, the peak resident set size during three steps above its level
-before them, sampled in a fresh subprocess. The two are not the same
-quantity: compare within a family.
+before them. The two are not the same quantity: compare within a family.
 
-Quick run (under two minutes on two cores)::
+Quick run (a few minutes on two cores)::
 
     python -m benchmarks.run --quick
 
@@ -36,13 +41,12 @@ Full run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import timing
+from benchmarks import method, timing
 
 # Fewer threads than cores makes every contender slower in the same way;
 # leave each library's default (one thread per core).
@@ -109,7 +113,7 @@ CASES = {
     ),
   )
 }
-QUICK_CASES = ("lstm", "gru", "masked_bilstm")
+QUICK_CASES = ("lstm", "gru", "inference_lstm", "masked_bilstm")
 
 
 def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +164,7 @@ def _jax_runner(case, init, apply, inputs, lengths) -> Runner:
   else:
 
     def step(params, inputs, lengths):
-      return apply(params, inputs, lengths)
+      return _carry_loss(*apply(params, inputs, lengths))
 
   compiled = jax.jit(step).lower(params, inputs, lengths).compile()
   memory_bytes = timing.compiled_temp_bytes(compiled)
@@ -182,39 +186,32 @@ def _haiku_model(build):
   )
 
 
-def _hk_rnn(
-  use_fused: bool,
-  masked: bool = True,
-  onednn: bool | None = None,
-  onednn_training: bool | None = None,
-):
+def _dense_then(case, x, layer):
+  """A Haiku dense input layer, then ``layer`` on its outputs."""
+  import haiku as hk
+
+  return layer(hk.Linear(case.inputs, name="input_layer")(x))
+
+
+def _hk_rnn(use_fused: bool, masked: bool = True, kernels: str | None = None):
   """hk_rnn through its public API, fused kernels on or off.
 
   With ``masked=False`` the contender exists only for masked cases and runs
-  the same model without the lengths: the cost of masking, timed in the
-  same rounds. ``onednn`` and ``onednn_training`` set the optional oneDNN
-  extension's switch (``hk_rnn._src.onednn.set_enabled``) while the step is
-  traced; contenders that set them exist only where the extension is built
-  and would run the case (an unmasked LSTM or GRU; a training step for
-  ``onednn_training``), beside the default.
+  the same model without the lengths: the cost of masking. ``kernels`` sets
+  ``hk_rnn.use_kernels`` while the step is traced; the ``compiled``
+  contender skips where the compiled kernels are not built.
   """
 
-  def runner(case: Case, inputs, lengths) -> Runner | None:
+  def runner(case: Case, inputs, lengths) -> Runner | str:
     import hk_rnn
-    from hk_rnn._src import onednn as onednn_module
+    from hk_rnn._src.kernels import onednn
 
     if not masked:
       if not case.masked:
-        return None
+        return "only for masked cases"
       case = dataclasses.replace(case, masked=False)
-    switched = onednn is not None or onednn_training is not None
-    if switched and (
-      case.cell not in ("lstm", "gru")
-      or case.masked
-      or (onednn_training is not None and not case.training)
-      or not onednn_module.available()
-    ):
-      return None
+    if kernels == "compiled" and not onednn.available():
+      return "the compiled kernels are not built"
     cell_class = {
       "lstm": hk_rnn.LSTMCell,
       "gru": hk_rnn.GRUCell,
@@ -228,13 +225,11 @@ def _hk_rnn(
       module = layer()
       if case.bidirectional:
         module = hk_rnn.Bidirectional(module, layer())
-      return module(x, seq_lengths=n if case.masked else None)
+      lengths = n if case.masked else None
+      return _dense_then(case, x, lambda h: module(h, seq_lengths=lengths))
 
-    onednn_module.set_enabled(onednn, training=onednn_training)
-    try:
+    with hk_rnn.use_kernels(kernels):
       return _jax_runner(case, *_haiku_model(build), inputs, lengths)
-    finally:
-      onednn_module.set_enabled(None)
 
   return runner
 
@@ -249,18 +244,29 @@ _FLAX_CELLS = {
 
 
 def _flax(cell_name: str):
-  def runner(case: Case, inputs, lengths) -> Runner | None:
+  def runner(case: Case, inputs, lengths) -> Runner | str:
     import flax.linen as nn
     import jax
 
     cell_class = getattr(nn, cell_name)
     if _FLAX_CELLS[cell_name] != case.cell:
-      return None
-    make = lambda: nn.RNN(cell_class(features=case.features))  # noqa: E731
-    if case.bidirectional:
-      module = nn.Bidirectional(make(), make(), return_carry=True)
-    else:
-      module = nn.RNN(cell_class(features=case.features), return_carry=True)
+      return f"computes a {_FLAX_CELLS[cell_name]}"
+
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, x, seq_lengths=None):
+        def layer():
+          return nn.RNN(cell_class(features=case.features))
+
+        if case.bidirectional:
+          recurrent = nn.Bidirectional(layer(), layer(), return_carry=True)
+        else:
+          recurrent = nn.RNN(
+            cell_class(features=case.features), return_carry=True
+          )
+        return recurrent(nn.Dense(case.inputs)(x), seq_lengths=seq_lengths)
+
+    module = Model()
 
     def call(params, x, n):
       return module.apply(params, x, seq_lengths=n if case.masked else None)
@@ -275,17 +281,18 @@ def _flax(cell_name: str):
   return runner
 
 
-def haiku_dynamic_unroll(case: Case, inputs, lengths) -> Runner | None:
+def haiku_dynamic_unroll(case: Case, inputs, lengths) -> Runner | str:
   """``hk.LSTM``/``hk.GRU`` + ``hk.dynamic_unroll``: no masking support."""
   import haiku as hk
   import jax.numpy as jnp
 
   cores = {"lstm": hk.LSTM, "gru": hk.GRU}
   if case.masked or case.cell not in cores:
-    return None
+    return "no masks, LSTM and GRU only"
 
   def build(x, n):
     del n
+    x = hk.Linear(case.inputs, name="input_layer")(x)
     core = cores[case.cell](case.features)
     outputs, state = hk.dynamic_unroll(
       core, jnp.swapaxes(x, 0, 1), core.initial_state(x.shape[0])
@@ -311,10 +318,12 @@ def _torch_step(case: Case, inputs, lengths):
     batch_first=True,
     bidirectional=case.bidirectional,
   )
-  x = torch.from_numpy(inputs)
+  input_layer = torch.nn.Linear(case.inputs, case.inputs)
+  raw = torch.from_numpy(inputs)
   n = torch.from_numpy(lengths).to(torch.int64)
 
   def forward():
+    x = input_layer(raw)
     if case.masked:
       packed = torch_rnn.pack_padded_sequence(
         x, n, batch_first=True, enforce_sorted=False
@@ -336,7 +345,7 @@ def _torch_step(case: Case, inputs, lengths):
     return infer
 
   def train():
-    for parameter in module.parameters():
+    for parameter in (*module.parameters(), *input_layer.parameters()):
       parameter.grad = None
     outputs, state = forward()
     loss = outputs.sum() + sum(s.sum() for s in state)
@@ -346,46 +355,15 @@ def _torch_step(case: Case, inputs, lengths):
   return train
 
 
-def torch_module(case: Case, inputs, lengths) -> Runner | None:
-  if case.cell not in ("lstm", "gru"):  # PyTorch has no MGU
-    return None
-  return Runner(_torch_step(case, inputs, lengths))
+def torch_module(case: Case, inputs, lengths) -> Runner | str:
+  if case.cell not in ("lstm", "gru"):
+    return "PyTorch has no MGU"
+  step = _torch_step(case, inputs, lengths)
+  return Runner(step, _torch_peak_rss_growth(step) if case.training else None)
 
 
-def _torch_peak_rss_growth(case: Case, seed: int) -> int | None:
-  """Peak RSS above the baseline over three steps, in a fresh process."""
-  command = [
-    sys.executable,
-    "-m",
-    "benchmarks.run",
-    "--torch-memory-child",
-    case.name,
-    "--seed",
-    str(seed),
-    *(["--tiny"] if case == _tiny(CASES[case.name]) else []),
-  ]
-  try:
-    result = subprocess.run(
-      command, capture_output=True, text=True, check=True, timeout=600
-    )
-  except (subprocess.SubprocessError, OSError):
-    return None
-  return int(result.stdout.strip().splitlines()[-1])
-
-
-def _tiny(case: Case) -> Case:
-  """``case`` at smoke-test size."""
-  return dataclasses.replace(case, batch=4, time=8, inputs=8, features=16)
-
-
-def _resident_bytes() -> int:
-  """This process's current resident set size (Linux ``/proc``)."""
-  with open("/proc/self/statm") as file:
-    return int(file.read().split()[1]) * resource.getpagesize()
-
-
-def _torch_memory_child(case: Case, seed: int) -> None:
-  """Prints the peak RSS above the pre-step baseline over three steps.
+def _torch_peak_rss_growth(step) -> int:
+  """Peak RSS above the pre-step baseline over three steps of ``step``.
 
   ``ru_maxrss`` alone would also count transient peaks of importing torch
   and building the model, which can exceed a step's; a thread samples the
@@ -393,7 +371,6 @@ def _torch_memory_child(case: Case, seed: int) -> None:
   """
   import threading
 
-  step = _torch_step(case, *make_data(case, seed))
   step()  # first-call allocations (caches, thread pools) are not per step
   baseline = _resident_bytes()
   peak, running = [baseline], [True]
@@ -409,20 +386,29 @@ def _torch_memory_child(case: Case, seed: int) -> None:
     step()
   running[0] = False
   sampler.join()
-  print(peak[0] - baseline)
+  return peak[0] - baseline
+
+
+def _tiny(case: Case) -> Case:
+  """``case`` at smoke-test size."""
+  return dataclasses.replace(case, batch=4, time=8, inputs=8, features=16)
+
+
+def _resident_bytes() -> int:
+  """This process's current resident set size (Linux ``/proc``)."""
+  with open("/proc/self/statm") as file:
+    return int(file.read().split()[1]) * resource.getpagesize()
 
 
 # --- Driver -----------------------------------------------------------------
 
-CONTENDERS: dict[str, tuple[str, Callable[..., Runner | None]]] = {
-  # The default: on CPU, unmasked LSTMs run oneDNN where the optional
-  # extension is built (hk_rnn/_src/onednn.py).
+CONTENDERS: dict[str, tuple[str, Callable[..., Runner | str]]] = {
+  # The default kernels (``auto``; ``hk_rnn.explain`` says what they chose).
   "hk_rnn": ("hk_rnn", _hk_rnn(True)),
-  # The same with the extension off: the fused JAX kernels alone.
-  "hk_rnn_no_onednn": ("hk_rnn", _hk_rnn(True, onednn=False)),
-  # Training steps through oneDNN's backward primitive (the default runs
-  # oneDNN for values only and the fused kernels' VJP under autodiff).
-  "hk_rnn_onednn_training": ("hk_rnn", _hk_rnn(True, onednn_training=True)),
+  # Only the XLA fused kernels (``HK_RNN_KERNELS=xla``).
+  "hk_rnn_xla": ("hk_rnn", _hk_rnn(True, kernels="xla")),
+  # The compiled CPU kernels wherever they apply (where built).
+  "hk_rnn_compiled": ("hk_rnn", _hk_rnn(True, kernels="compiled")),
   # The same modules stepping the cell in hk.scan (``RNN(fused=False)``).
   "hk_rnn_step": ("hk_rnn", _hk_rnn(False)),
   # Masked cases only: the same model given no lengths.
@@ -443,35 +429,34 @@ def _installed(package: str) -> bool:
   return importlib.util.find_spec(package) is not None
 
 
-def _time_case(case, names, rounds, iters, seed, measure_memory, log):
-  """Median seconds per step for each contender that supports ``case``.
+def _child(case: Case, name: str, rounds: int, iters: int, calls: int, seed):
+  """One process's measurement of one contender: a JSON line on stdout.
 
-  Cases longer than 64 steps run proportionally fewer steps per block (at
-  least one), so that the long sequence does not dominate the run.
+  Training: ``rounds`` samples, each the mean of ``iters`` steps; inference:
+  ``calls`` single calls (for the p99).
   """
-  iters = max(1, round(iters * 64 / case.time))
-  inputs, lengths = make_data(case, seed)
-  runners = {}
-  for name in names:
-    family, build = CONTENDERS[name]
-    if family != "hk_rnn" and not _installed(family):
-      continue
-    runner = build(case, inputs, lengths)
-    if runner is None:
-      continue
-    if family == "torch" and measure_memory:
-      runner.memory_bytes = _torch_peak_rss_growth(case, seed)
-    runner.run()  # compile / first-call costs stay out of every block
-    runners[name] = runner
-  results = timing.time_interleaved(
-    {name: runner.run for name, runner in runners.items()},
-    rounds=rounds,
-    iters=iters,
-    log=lambda message: log(f"  {case.name}:{message}"),
-  )
-  for name, result in results.items():
-    result["memory_bytes"] = runners[name].memory_bytes
-  return results
+  family, build = CONTENDERS[name]
+  if family != "hk_rnn" and not _installed(family):
+    print(json.dumps({"skipped": f"{family} is not installed"}))
+    return
+  runner = build(case, *make_data(case, seed))
+  if isinstance(runner, str):
+    print(json.dumps({"skipped": runner}))
+    return
+  if case.training:
+    iters = max(1, round(iters * 64 / case.time))
+
+    def block():
+      for _ in range(iters):
+        runner.run()
+
+    samples = [s / iters for s in method.time_calls(block, calls=rounds)]
+  else:
+    samples = method.time_calls(runner.run, calls=calls, warmup=3)
+  report = method.summarize(samples)
+  report["memory_bytes"] = runner.memory_bytes
+  report["gflops"] = case.gemm_flops / report["median_s"] / 1e9
+  print(json.dumps(report))
 
 
 def _markdown(results, cases, meta) -> str:
@@ -479,47 +464,53 @@ def _markdown(results, cases, meta) -> str:
     "# hk_rnn benchmarks",
     "",
     f"- date: {meta['date']}",
-    f"- machine: {meta['machine']}",
     f"- versions: {meta['versions']}",
-    f"- load average (1, 5, 15 min) before: {meta['load_before']}, "
-    f"after: {meta['load_after']}",
-    f"- command: `{meta['command']}`",
-    f"- rounds × iterations per block: {meta['rounds']} × {meta['iters']} "
-    "(fewer iterations for T > 64)",
+    *method.header(
+      meta["command"], meta["load_before"], meta["load_after"],
+      meta["processes"],
+    ),
+    f"- per process: {meta['rounds']} samples of {meta['iters']} training "
+    f"steps (fewer for T > 64), or {meta['calls']} inference calls"
+    + ("; one busy process beside the benchmark (`--busy`)" if meta["busy"]
+       else ""),
     "",
-    "Times are medians over rounds; `hk_rnn ÷ peer` below 1 means hk_rnn is "
-    "faster. Memory: XLA temporary buffers (JAX) or peak RSS above baseline "
+    "Times are medians of the per-process medians; `hk_rnn ÷ peer` below 1 "
+    "means hk_rnn is faster; `spread` is the range of the per-process "
+    "medians. Memory: XLA temporary buffers (JAX) or peak RSS above baseline "
     "(PyTorch).",
-  ]
+  ]  # fmt: skip
   for case_name, by_contender in results.items():
     case = cases[case_name]
-    lead = by_contender.get(LEAD)
+    timed = {n: r for n, r in by_contender.items() if "median_s" in r}
+    lead = timed.get(LEAD)
+    p99 = "" if case.training else " p99 ms |"
     lines += [
       "",
       f"## {case.title} (`{case_name}`: B={case.batch}, T={case.time}, "
       f"D={case.inputs}, F={case.features})",
       "",
-      "| contender | median ms | spread ms | GFLOP/s | hk_rnn ÷ peer | memory |",
-      "|---|---:|---:|---:|---:|---:|",
+      f"| contender | median ms |{p99} spread ms | GFLOP/s | hk_rnn ÷ peer "
+      "| memory |",
+      "|---|---:|" + ("---:|" if p99 else "") + "---:|---:|---:|---:|",
     ]
-    for name, result in sorted(
-      by_contender.items(), key=lambda item: item[1]["median_s"]
-    ):
+    for name, result in sorted(timed.items(), key=lambda i: i[1]["median_s"]):
       median = result["median_s"]
       ratio = "–" if lead is None else f"{lead['median_s'] / median:.2f}"
+      spread = result["process_medians_s"]
+      tail = "" if case.training else f" {result['p99_s'] * 1e3:.2f} |"
       lines.append(
-        f"| {name} | {median * 1e3:.2f} | "
-        f"{result['min_s'] * 1e3:.1f}–{result['max_s'] * 1e3:.1f} | "
+        f"| {name} | {median * 1e3:.2f} |{tail} "
+        f"{min(spread) * 1e3:.1f}–{max(spread) * 1e3:.1f} | "
         f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
-        f"{timing.format_bytes(result['memory_bytes'])} |"
+        f"{timing.format_bytes(result.get('memory_bytes'))} |"
       )
-    unmasked = by_contender.get("hk_rnn_unmasked")
+    unmasked = timed.get("hk_rnn_unmasked")
     if lead is not None and unmasked is not None:
       cost = lead["median_s"] / unmasked["median_s"] - 1
       lines += [
         "",
         f"Masking costs hk_rnn {cost:+.0%} over the same step without "
-        "lengths (`hk_rnn ÷ hk_rnn_unmasked`, timed in the same rounds).",
+        "lengths (`hk_rnn ÷ hk_rnn_unmasked`).",
       ]
   return "\n".join(lines) + "\n"
 
@@ -530,15 +521,19 @@ def _chart(results, cases, path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  timed = {
+    case: {n: r for n, r in by.items() if "median_s" in r}
+    for case, by in results.items()
+  }
   figure, axes = plt.subplots(
-    len(results),
+    len(timed),
     1,
-    figsize=(7, 1.0 + 1.3 * sum(len(r) for r in results.values()) / 3),
+    figsize=(7, 1.0 + 1.3 * sum(len(r) for r in timed.values()) / 3),
   )
   axes = np.atleast_1d(axes)
-  for axis, case_name in zip(axes, results, strict=True):
+  for axis, case_name in zip(axes, timed, strict=True):
     by_contender = sorted(
-      results[case_name].items(), key=lambda item: -item[1]["median_s"]
+      timed[case_name].items(), key=lambda item: -item[1]["median_s"]
     )
     names = [name for name, _ in by_contender]
     medians = [result["median_s"] * 1e3 for _, result in by_contender]
@@ -582,12 +577,23 @@ def main(argv=None) -> None:
     default=",".join(CONTENDERS),
     help="comma-separated contender names (default: every one installed)",
   )
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--iters", type=int, default=3, help="steps per block")
+  parser.add_argument(
+    "--processes",
+    type=int,
+    default=3,
+    help="processes per contender, in alternating order (at least 3 for "
+    "published figures)",
+  )
+  parser.add_argument("--rounds", type=int, default=7, help="samples/process")
+  parser.add_argument("--iters", type=int, default=3, help="steps per sample")
+  parser.add_argument(
+    "--calls", type=int, default=1000, help="inference calls per process"
+  )
   parser.add_argument(
     "--quick",
     action="store_true",
-    help=f"cases {','.join(QUICK_CASES)}, 3 rounds of 2 steps",
+    help=f"cases {','.join(QUICK_CASES)}, 3 processes of 3 samples of 2 "
+    "steps, 200 inference calls",
   )
   parser.add_argument(
     "--tiny",
@@ -595,26 +601,27 @@ def main(argv=None) -> None:
     help="shrink every case to B=4, T=8, D=8, F=16: a smoke test of the "
     "harness, not a measurement",
   )
-  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
-    "--no-memory",
+    "--busy",
     action="store_true",
-    help="skip PyTorch's memory subprocesses",
+    help="keep one spinning process beside the benchmark",
   )
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="runs/benchmarks", help="output folder")
-  parser.add_argument("--torch-memory-child", help=argparse.SUPPRESS)
+  parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
 
   cases = {
     name: _tiny(case) if args.tiny else case for name, case in CASES.items()
   }
-  if args.torch_memory_child:
-    _torch_memory_child(cases[args.torch_memory_child], args.seed)
-    return
   case_names = args.cases.split(",")
-  rounds, iters = args.rounds, args.iters
+  rounds, iters, calls = args.rounds, args.iters, args.calls
   if args.quick:
-    case_names, rounds, iters = list(QUICK_CASES), 3, 2
+    case_names, rounds, iters, calls = list(QUICK_CASES), 3, 2, 200
+  if args.child:
+    case_name, contender = args.child
+    _child(cases[case_name], contender, rounds, iters, calls, args.seed)
+    return
   contenders = args.contenders.split(",")
   for name in case_names:
     if name not in CASES:
@@ -625,32 +632,54 @@ def main(argv=None) -> None:
         f"--contenders: unknown contender {name!r}; "
         f"known: {', '.join(CONTENDERS)}"
       )
+  if args.processes < 1:
+    parser.error(f"--processes must be at least 1, got {args.processes}")
 
   log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-  load_before = tuple(round(x, 2) for x in os.getloadavg())
-  log(f"load average before: {load_before}")
+  load_before = method.load_average()
+  log(f"CPU: {method.cpu_model()}; load average before: {load_before}")
+  warning = method.busy_warning(load_before)
+  if warning:
+    log(warning)
+  options = [
+    *(["--tiny"] if args.tiny else []),
+    f"--rounds={rounds}",
+    f"--iters={iters}",
+    f"--calls={calls}",
+    f"--seed={args.seed}",
+  ]
   results = {}
-  for name in case_names:
-    log(f"{name}: compiling and timing")
-    results[name] = _time_case(
-      cases[name],
-      contenders,
-      rounds,
-      iters,
-      args.seed,
-      not args.no_memory,
-      log,
-    )
+  with method.BusyNeighbour() if args.busy else contextlib.nullcontext():
+    for name in case_names:
+      log(f"{name}:")
+      results[name] = method.measure(
+        {
+          contender: [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--child",
+            name,
+            contender,
+            *options,
+          ]
+          for contender in contenders
+        },
+        processes=args.processes,
+        log=log,
+      )
   meta = {
     "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "machine": f"{platform.processor() or platform.machine()}, "
-    f"{os.cpu_count()} cores, {platform.system()}",
+    "cpu": method.cpu_model(),
     "versions": _versions(),
     "load_before": load_before,
-    "load_after": tuple(round(x, 2) for x in os.getloadavg()),
+    "load_after": method.load_average(),
     "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
+    "processes": args.processes,
     "rounds": rounds,
     "iters": iters,
+    "calls": calls,
+    "busy": args.busy,
   }
   os.makedirs(args.out, exist_ok=True)
   table = _markdown(results, cases, meta)

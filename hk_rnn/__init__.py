@@ -7,7 +7,8 @@ packs variable-length sequences into rows and :func:`unpack_sequences` /
 :func:`unpack_segments` read each one's outputs and carry back.
 :class:`CoreCell` and :class:`CellCore` adapt Haiku cores and hk_rnn cells
 to each other; :mod:`hk_rnn.interop` converts weights from PyTorch, Flax,
-Keras and Haiku.
+Keras and Haiku. :func:`use_kernels` picks the kernel backends and
+:func:`explain` says which one each recurrent call runs.
 """
 
 from hk_rnn import interop
@@ -21,6 +22,7 @@ from hk_rnn._src.cells import (
   SimpleCell,
 )
 from hk_rnn._src.cores import CellCore, CoreCell
+from hk_rnn._src.kernels.dispatch import explain, use_kernels
 from hk_rnn._src.min_cells import (
   LinearRecurrentCell,
   MinGRUCell,
@@ -35,6 +37,7 @@ from hk_rnn._src.packing import (
 from hk_rnn._src.rnn import RNN
 from hk_rnn._src.sequences import flip_sequences, last_segment_ids
 from hk_rnn._src.stacked import StackedRNN
+from hk_rnn._src.xlstm import MLSTMCell, SLSTMCell
 
 __version__ = "0.1.0"
 
@@ -48,16 +51,20 @@ __all__ = (
   "LSTMCell",
   "LinearRecurrentCell",
   "MGUCell",
+  "MLSTMCell",
   "MinGRUCell",
   "MinLSTMCell",
   "PackedSequences",
   "RNNCellBase",
+  "SLSTMCell",
   "SimpleCell",
   "StackedRNN",
+  "explain",
   "flip_sequences",
   "interop",
   "last_segment_ids",
   "pack_sequences",
   "unpack_segments",
   "unpack_sequences",
+  "use_kernels",
 )

@@ -3,8 +3,8 @@
 ``from_torch``, ``to_torch``, ``from_flax``, ``from_keras`` and
 ``from_haiku`` take an hk_rnn model's params (what ``init`` returned) and
 match its recurrent cells, in the order the model created them, with the
-source's recurrent layers; see ``docs/migrating.md``. Each framework is
-imported only when its converter is called.
+source's recurrent layers; see the :doc:`migration guide </migrating>`.
+Each framework is imported only when its converter is called.
 """
 
 from hk_rnn._src.interop import (

@@ -1,15 +1,32 @@
 """Smoke test of the benchmark harness at tiny sizes (no timing claims)."""
 
 import os
+import sys
 import tempfile
 
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import linear, options, packing, run, soak
+from benchmarks import linear, method, options, packing, run, soak, xlstm
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
+  def test_tiny_xlstm_run_times_each_contender_in_its_own_process(self):
+    with tempfile.TemporaryDirectory() as out:
+      results = xlstm.main(
+        [
+          "--tiny",
+          "--processes=1",
+          "--calls=1",
+          "--contenders=slstm_fused,lstm_fused",
+          f"--out={out}",
+        ]
+      )
+      self.assertEqual(set(results), {"slstm_fused", "lstm_fused"})
+      with open(os.path.join(out, "xlstm.md")) as file:
+        self.assertIn("- slstm_fused / lstm_fused = ", file.read())
+      self.assertTrue(os.path.exists(os.path.join(out, "xlstm.json")))
+
   def test_tiny_soak_streams_without_recompiling_and_matches_float64(self):
     with tempfile.TemporaryDirectory() as out:
       path = os.path.join(out, "soak.json")
@@ -29,34 +46,63 @@ class BenchmarkHarnessTest(absltest.TestCase):
       run.main(
         [
           "--tiny",
-          "--cases=masked_bilstm",
-          "--contenders=hk_rnn,hk_rnn_step,hk_rnn_unmasked,flax_lstm",
+          "--cases=masked_bilstm,inference_lstm",
+          "--contenders=hk_rnn,hk_rnn_unmasked,flax_lstm",
+          "--processes=1",
           "--rounds=1",
           "--iters=1",
-          "--no-memory",
+          "--calls=3",
           f"--out={out}",
         ]
       )
       with open(os.path.join(out, "results.md")) as file:
         table = file.read()
-      for name in ("hk_rnn", "hk_rnn_step", "hk_rnn_unmasked", "flax_lstm"):
+      for name in ("hk_rnn", "hk_rnn_unmasked", "flax_lstm"):
         self.assertIn(f"| {name} |", table)
       self.assertIn("Masking costs hk_rnn", table)
+      self.assertIn("p99 ms", table)  # the inference case's tail
+      self.assertIn("- CPU: ", table)
+      self.assertIn("each contender in its own process", table)
       for name in ("results.json", "chart.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)))
 
   def test_unmasked_contender_runs_only_in_masked_cases(self):
     case = run._tiny(run.CASES["lstm"])
     build = run.CONTENDERS["hk_rnn_unmasked"][1]
-    self.assertIsNone(build(case, *run.make_data(case)))
+    self.assertEqual(build(case, *run.make_data(case)), "only for masked cases")
 
   def test_tiny_mgu_case_runs_against_flax_only(self):
     case = run._tiny(run.CASES["mgu"])
     data = run.make_data(case)
-    self.assertIsNone(run.CONTENDERS["torch"][1](case, *data))
-    self.assertIsNone(run.CONTENDERS["haiku_unroll"][1](case, *data))
+    for name in ("torch", "haiku_unroll", "flax_lstm"):
+      self.assertIsInstance(run.CONTENDERS[name][1](case, *data), str)
     for name in ("hk_rnn", "flax_mgu"):
       run.CONTENDERS[name][1](case, *data).run()
+
+  def test_processes_alternate_and_report_the_median_of_medians(self):
+    script = (
+      "import json, sys; open(sys.argv[2], 'a').write(sys.argv[1]); "
+      "print(json.dumps({'median_s': float(sys.argv[3]), 'p99_s': 1.0}))"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+      log = os.path.join(folder, "order")
+
+      def command(name, seconds):
+        return [sys.executable, "-c", script, name, log, str(seconds)]
+
+      results = method.measure(
+        {"a": command("a", 0.5), "b": command("b", 2.0)}, processes=3
+      )
+      with open(log) as file:
+        self.assertEqual(file.read(), "abbaab")
+    self.assertEqual(results["a"]["median_s"], 0.5)
+    self.assertEqual(results["b"]["process_medians_s"], [2.0] * 3)
+    self.assertEqual(results["b"]["p99_s"], 1.0)
+
+  def test_a_busy_start_is_flagged(self):
+    cores = os.cpu_count()
+    self.assertIsNone(method.busy_warning((0.49 * cores, 0, 0)))
+    self.assertIn("busy", method.busy_warning((0.5 * cores, 0, 0)))
 
   def test_remat_study_packed_rows_fill_every_row(self):
     ids = options._packed_ids(np.random.default_rng(0), 3, 500)

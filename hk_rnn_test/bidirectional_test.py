@@ -179,7 +179,7 @@ class BidirectionalBadInputTest(parameterized.TestCase):
     (
       "carry_not_pair",
       dict(initial_carry=jnp.zeros((BATCH, 3))),
-      r"Bidirectional: initial_carry must be a \(forward, backward\) pair",
+      r"Bidirectional: initial_carry must be one \(forward, backward\) pair",
     ),
     (
       "carry_shape",

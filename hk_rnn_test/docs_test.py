@@ -134,5 +134,64 @@ class PagesTest(parameterized.TestCase):
     self.assertEmpty(failures, "\n".join(failures))
 
 
+def _section(text: str, heading: str) -> str:
+  """The text under the ``## heading`` that starts with ``heading``."""
+  start = text.index(f"\n## {heading}")
+  end = text.find("\n## ", start + 1)
+  return text[start : None if end < 0 else end]
+
+
+class DocsSayWhatTheCodeDoesTest(absltest.TestCase):
+  """Statements in the guides and docstrings that went stale once."""
+
+  def test_classifier_section_says_how_the_trainer_reads_states(self):
+    trainer = _read(os.path.join(_REPO, "examples", "classifier", "train.py"))
+    section = _section(
+      _read(os.path.join(_REPO, "docs", "examples.md")), "Variable-length"
+    )
+    self.assertIn("max_segments=", trainer)
+    self.assertNotIn("segment_sum", trainer)
+    self.assertIn("max_segments", section)
+    self.assertNotIn("segment_sum", section)
+
+  def test_packing_round_trip_keeps_unpacking_out_of_the_step(self):
+    section = _section(
+      _read(os.path.join(_REPO, "docs", "packing.md")), "The round trip"
+    )
+    # The warning, and the training-loop form (which docs_test runs).
+    self.assertRegex(section, r"traced and compiled again for each")
+    self.assertRegex(section, r"keeps the placement of the batch it was")
+    self.assertIn("segmentation_mask != 0", section)
+    self.assertIn("def loss_fn(", section)
+
+  def test_readme_states_the_measured_main_job_time(self):
+    for page in ("README.md", os.path.join("docs", "examples.md")):
+      text = " ".join(_read(os.path.join(_REPO, page)).split())
+      self.assertNotIn("2–3½ minutes", text, page)
+      self.assertIn("under a minute on an idle 2-core CPU", text, page)
+
+  def test_public_docstrings_link_guides_and_name_no_private_code(self):
+    import inspect
+
+    import hk_rnn
+    from hk_rnn import interop
+
+    docstrings = []
+    for module in (hk_rnn, interop):
+      for name in module.__all__:
+        value = getattr(module, name)
+        docstrings.append((name, inspect.getdoc(value) or ""))
+        if inspect.isclass(value):
+          for member, attribute in vars(value).items():
+            if callable(attribute) and (
+              member in ("__init__", "__call__") or not member.startswith("_")
+            ):
+              docstrings.append((f"{name}.{member}", attribute.__doc__ or ""))
+    for name, text in docstrings:
+      self.assertNotRegex(text, r"_src\b|hk_rnn/_src", name)
+      # A guide is a Sphinx link (:doc:`... </speed>`), not a path as text.
+      self.assertNotRegex(text, r"(?<![</])\bdocs/\w+\.md", name)
+
+
 if __name__ == "__main__":
   absltest.main()

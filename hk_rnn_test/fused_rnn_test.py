@@ -14,7 +14,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src import fused
+from hk_rnn._src.kernels import dispatch
 
 FEATURES, INPUTS = 5, 3
 CELLS = {
@@ -158,7 +158,9 @@ class FusedRNNTest(parameterized.TestCase):
     ("simple", "simple_sequence"),
   )
   def test_rnn_uses_the_kernel_by_default(self, kind, kernel):
-    with mock.patch.object(fused, kernel, wraps=getattr(fused, kernel)) as spy:
+    with mock.patch.object(
+      dispatch, kernel, wraps=getattr(dispatch, kernel)
+    ) as spy:
       _loss_and_grads(kind, True, "packed")
     self.assertTrue(spy.called)
 
@@ -175,13 +177,15 @@ class FusedRNNTest(parameterized.TestCase):
 
     inputs = jnp.ones((2, 3, INPUTS))
     model = hk.transform(forward)
-    with mock.patch.object(fused, kernel, wraps=getattr(fused, kernel)) as spy:
+    with mock.patch.object(
+      dispatch, kernel, wraps=getattr(dispatch, kernel)
+    ) as spy:
       model.apply(model.init(jax.random.key(0), inputs), None, inputs)
     self.assertFalse(spy.called)
 
   def test_fused_false_never_calls_the_kernel(self):
     with mock.patch.object(
-      fused, "lstm_sequence", wraps=fused.lstm_sequence
+      dispatch, "lstm_sequence", wraps=dispatch.lstm_sequence
     ) as spy:
       _loss_and_grads("lstm", False, "packed")
     self.assertFalse(spy.called)

@@ -15,7 +15,7 @@ from absl.testing import absltest, parameterized
 from jax import lax
 from jax.experimental import rnn
 
-from hk_rnn._src import fused
+from hk_rnn._src.kernels import cudnn, dispatch
 
 CELLS = ("lstm", "gru", "mgu", "simple")
 CASES = ("plain", "lengths", "packed", "dropout", "packed_dropout", "one_step")
@@ -102,11 +102,11 @@ def _kernel(
     unroll=unroll,
   )
   if cell == "lstm":
-    return fused.lstm_sequence(
+    return dispatch.lstm_sequence(
       inputs, params["w_i"], params["w_h"], params["b"], carry, **options
     )
   if cell in ("gru", "mgu"):
-    kernel = fused.gru_sequence if cell == "gru" else fused.mgu_sequence
+    kernel = dispatch.gru_sequence if cell == "gru" else dispatch.mgu_sequence
     return kernel(
       inputs,
       params["w_i"],
@@ -116,7 +116,7 @@ def _kernel(
       carry,
       **options,
     )
-  return fused.simple_sequence(
+  return dispatch.simple_sequence(
     inputs, params["w_i"], params["w_h"], params["b"], carry, **options
   )
 
@@ -473,7 +473,7 @@ class FusedTest(parameterized.TestCase):
   def test_wrong_weight_shape_names_the_argument(self):
     inputs, params, carry, *_ = _make_jax("lstm", "plain")
     with self.assertRaisesRegex(ValueError, r"w_h must have shape \(5, 20\)"):
-      fused.lstm_sequence(
+      dispatch.lstm_sequence(
         inputs, params["w_i"], params["w_h"][:, :-1], params["b"], carry
       )
 
@@ -518,7 +518,7 @@ class CudnnTest(parameterized.TestCase):
     inputs, params, carry, valid, _, _ = _make_jax("lstm", case)
 
     def through_cudnn(inputs, params, carry):
-      return fused.cudnn_lstm(
+      return cudnn.lstm(
         inputs,
         params["w_i"],
         params["w_h"],
@@ -529,7 +529,7 @@ class CudnnTest(parameterized.TestCase):
       )
 
     def through_scan(inputs, params, carry):
-      return fused.lstm_sequence(
+      return dispatch.lstm_sequence(
         inputs,
         params["w_i"],
         params["w_h"],
@@ -554,7 +554,7 @@ class CudnnTest(parameterized.TestCase):
     w_i = jnp.asarray(rng.normal(size=(input_size, 4 * features)))
     w_h = jnp.asarray(rng.normal(size=(features, 4 * features)))
     b = jnp.asarray(rng.normal(size=(4 * features,)))
-    flat = fused.cudnn_lstm_weights(w_i, w_h, b)
+    flat = cudnn.lstm_weights(w_i, w_h, b)
 
     self.assertEqual(
       flat.shape,
@@ -581,21 +581,22 @@ class CudnnTest(parameterized.TestCase):
       "lstm", "packed_dropout", dtype=change.get("dtype", jnp.float32)
     )
     self.assertEqual(
-      fused._cudnn_supports(
+      cudnn.refusal(
         inputs,
         params["w_i"],
         params["w_h"],
         params["b"],
         carry,
-        reset if change.get("reset") else None,
-        mask if change.get("mask") else None,
-        change.get("platform", "cuda"),
-      ),
+        reset=reset if change.get("reset") else None,
+        recurrent_mask=mask if change.get("mask") else None,
+        platform=change.get("platform", "cuda"),
+      )
+      is None,
       expected,
     )
 
   def test_cpu_never_dispatches_to_cudnn(self):
-    self.assertNotEqual(fused._platform(), "cuda")
+    self.assertNotEqual(cudnn._platform(), "cuda")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ os.environ["KERAS_BACKEND"] = "jax"
 
 import collections  # noqa: E402
 import importlib.util  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 
@@ -28,6 +29,7 @@ from hk_rnn_test import test_utils  # noqa: E402
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_FLAX = importlib.util.find_spec("flax") is not None
 HAS_KERAS = importlib.util.find_spec("keras") is not None
+_NUMBERED_SUFFIX = re.compile(r"_\d+$")
 
 BATCH, TIME, INPUTS, HIDDEN = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 4], np.int32)
@@ -277,6 +279,50 @@ class TorchTest(parameterized.TestCase):
           loaded[name]["w_h"], weights[f"weight_hh_l{layer}{suffix}"].numpy().T
         )
 
+  def test_a_model_holding_an_lstm_names_what_to_pass(self):
+    import torch
+
+    class RNNModel(torch.nn.Module):  # PyTorch's word_language_model's shape
+      def __init__(self, lstm):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(10, INPUTS)
+        self.rnn = lstm
+        self.decoder = torch.nn.Linear(HIDDEN, 10)
+
+    lstm = self._module("LSTM", {}, 2, True, True)
+    model = RNNModel(lstm)
+    stack, _ = _stack(HK_RNN_CELL["LSTM"], 2, True)
+    params = stack.init(jax.random.PRNGKey(1), _inputs(), LENGTHS)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^from_torch: source must be a torch.nn.LSTM, GRU or RNN or a state "
+      r"dict, got RNNModel; it holds an nn.LSTM at 'rnn': pass that module, "
+      r"from_torch\(source.rnn, params\), or its state dict under its prefix, "
+      r"from_torch\(source.state_dict\(\), params, prefix='rnn.'\)$",
+    ):
+      hk_rnn.interop.from_torch(model, params)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^to_torch: module must be a torch.nn.LSTM, GRU or RNN, got RNNModel; "
+      r"it holds an nn.LSTM at 'rnn': pass that module, "
+      r"to_torch\(params, module.rnn\)$",
+    ):
+      hk_rnn.interop.to_torch(params, model)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"from_torch: the state dict holds no weight_ih_l0 under prefix '' .*; "
+      r"it holds one under prefix='rnn.'$",
+    ):
+      hk_rnn.interop.from_torch(model.state_dict(), params)
+    # What the messages say works, and gives the module's own weights.
+    test_utils.tree_allclose(
+      self,
+      hk_rnn.interop.from_torch(model.state_dict(), params, prefix="rnn."),
+      hk_rnn.interop.from_torch(model.rnn, params),
+      atol=0,
+      rtol=0,
+    )
+
   def test_mismatches(self):
     import torch
 
@@ -396,14 +442,23 @@ class FlaxTest(absltest.TestCase):
     _assert_valid_close(self, outputs, expected)
     test_utils.tree_allclose(self, carries, expected_carries)
 
-    # Sorted on both sides: the same cells get the same weights.
+    # Sorted params: the same cells get the same weights.
     test_utils.tree_allclose(
       self,
-      hk_rnn.interop.from_flax(_sorted(variables), _sorted(params)),
+      hk_rnn.interop.from_flax(variables, _sorted(params)),
       _sorted(loaded),
       atol=0,
       rtol=0,
     )
+    # Sorted variables: Flax's names (LSTMCell_0, OptimizedLSTMCell_0) do
+    # not say which LSTM came first, and the converter says so.
+    with self.assertRaisesRegex(
+      ValueError,
+      r"from_flax: the order of cells 'LSTMCell_0' and 'OptimizedLSTMCell_0' "
+      r"\(both of the kind an hk_rnn.LSTMCell takes\) cannot be settled from "
+      r"their names: the source's variables have their keys sorted",
+    ):
+      hk_rnn.interop.from_flax(_sorted(variables), params)
     # The "params" collection alone is accepted too.
     test_utils.tree_allclose(
       self,
@@ -725,6 +780,277 @@ class HaikuTest(absltest.TestCase):
       env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     self.assertEqual(result.stdout.strip(), "[]")
+
+
+# Cell names for a StackedRNN of two Bidirectional LSTM layers: layer i's
+# forward and backward cells. ``None`` is Haiku's default naming.
+DIRECTION_NAMINGS = {
+  "default": None,
+  "layer_forward": lambda i, backward: (
+    f"layer{i}_{'backward' * backward or 'forward'}"
+  ),
+  "fwd_bwd": lambda i, backward: f"{'bwd' if backward else 'fwd'}{i}",
+  "l_fw_bw": lambda i, backward: f"l{i}_{'bw' if backward else 'fw'}",
+  # docs/packing.md's names, reused by every layer: Haiku numbers them.
+  "forward_lstm_reused": lambda i, backward: (
+    f"{'backward' if backward else 'forward'}_lstm"
+  ),
+  "camel_case": lambda i, backward: (
+    f"Layer{i}{'Backward' if backward else 'Forward'}"
+  ),
+}
+# Names that say the direction with words no rule knows: sorted, the order
+# of the layers' cells cannot be read from them.
+UNSETTLED_NAMING = lambda i, backward: f"{'right' if backward else 'left'}{i}"  # noqa: E731
+
+
+def _named_stack(naming):
+  """Two Bidirectional LSTM layers whose cells are named by ``naming``."""
+
+  def cell(i, backward):
+    name = None if naming is None else naming(i, backward)
+    return hk_rnn.LSTMCell(HIDDEN, name=name)
+
+  def forward(x, lengths):
+    layers = [
+      hk_rnn.Bidirectional(
+        hk_rnn.RNN(cell(i, False)), hk_rnn.RNN(cell(i, True))
+      )
+      for i in range(2)
+    ]
+    return hk_rnn.StackedRNN(layers)(x, seq_lengths=lengths)
+
+  return test_utils.transform(forward)
+
+
+class DirectionNamesTest(parameterized.TestCase):
+  """Every converter pairs directions right on any naming, sorted or not.
+
+  ``jax.tree.map`` sorts the keys, which puts ``layer0_backward`` before
+  ``layer0_forward``: the converters must read the order from the names or
+  say that they cannot. Every check compares with what init's params (in
+  creation order) give, and that with torch itself.
+  """
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.x = _inputs()
+    cls.reference = _named_stack(None)
+    cls.apply = staticmethod(jax.jit(cls.reference.apply))
+    cls.default_names = list(
+      cls.reference.init(jax.random.PRNGKey(1), cls.x, LENGTHS)
+    )
+
+  def _params(self, naming, seed=1):
+    """Random params in creation order, and the cells' names in that order."""
+    params = _named_stack(naming).init(jax.random.PRNGKey(1), self.x, LENGTHS)
+    return _randomized(params, seed), list(params)
+
+  def _as_default_names(self, loaded, names):
+    """``loaded`` renamed to the default model's cells, creation order kept."""
+    return {
+      default: loaded[name]
+      for default, name in zip(self.default_names, names, strict=True)
+    }
+
+  def _torch_module(self, seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    module = torch.nn.LSTM(
+      INPUTS, HIDDEN, num_layers=2, bidirectional=True, batch_first=True
+    )
+    with torch.no_grad():
+      for parameter in module.parameters():
+        parameter.normal_(0.0, 0.5)
+    return module
+
+  @parameterized.named_parameters(
+    (f"{naming}_{'sorted' if sort else 'as_created'}", naming, sort)
+    for naming in DIRECTION_NAMINGS
+    for sort in (False, True)
+  )
+  @absltest.skipUnless(HAS_TORCH, "needs torch")
+  def test_from_torch_and_to_torch_match_torch(self, naming, sort):
+    params, names = self._params(DIRECTION_NAMINGS[naming])
+    if naming != "default":
+      naming_fn = DIRECTION_NAMINGS[naming]
+      self.assertEqual(  # init's order: layer 0 forward, backward, layer 1...
+        [_NUMBERED_SUFFIX.sub("", name) for name in names],
+        [naming_fn(i, backward) for i in range(2) for backward in (0, 1)],
+      )
+    given = _sorted(params) if sort else params
+    if sort and naming != "default":
+      self.assertNotEqual(list(given), names)
+    torch_run = TorchTest._torch_run
+    module = self._torch_module()
+    expected, _ = torch_run(None, module, self.x)
+    loaded = hk_rnn.interop.from_torch(module, given)
+    _, outputs = self.apply(
+      self._as_default_names(loaded, names), self.x, LENGTHS
+    )
+    _assert_valid_close(self, outputs, expected)
+
+    written = hk_rnn.interop.to_torch(given, self._torch_module(seed=1))
+    expected, _ = torch_run(None, written, self.x)
+    _, outputs = self.apply(
+      self._as_default_names(params, names), self.x, LENGTHS
+    )
+    _assert_valid_close(self, outputs, expected)
+
+  @absltest.skipUnless(HAS_TORCH, "needs torch")
+  def test_the_named_model_itself_matches_torch_with_sorted_params(self):
+    # The issue's reproduction, with no renaming between.
+    model = _named_stack(DIRECTION_NAMINGS["layer_forward"])
+    params = _sorted(model.init(jax.random.PRNGKey(1), self.x, LENGTHS))
+    module = self._torch_module()
+    loaded = hk_rnn.interop.from_torch(module, params)
+    _, outputs = model.apply(loaded, self.x, LENGTHS)
+    expected, _ = TorchTest._torch_run(None, module, self.x)
+    _assert_valid_close(self, outputs, expected)
+
+  @parameterized.parameters(False, True)
+  def test_unsettled_names_raise_when_sorted(self, sort):
+    params, names = self._params(UNSETTLED_NAMING)
+    converters = [
+      lambda given: hk_rnn.interop.from_haiku(self._haiku_source(), given)
+    ]
+    if HAS_TORCH:
+      converters += [
+        lambda given: hk_rnn.interop.from_torch(self._torch_module(), given),
+        lambda given: hk_rnn.interop.to_torch(given, self._torch_module()),
+      ]
+    for convert in converters:
+      if not sort:  # init's params are in creation order: they convert
+        convert(params)
+        continue
+      with self.assertRaisesRegex(
+        ValueError,
+        r"the order of cells 'left1' and 'right0' \(both of the kind an "
+        r"hk_rnn.LSTMCell takes\) cannot be settled from their names: params "
+        r"have their keys sorted .* Settle it by passing params as init "
+        r"returned them, or by converting one part at a time \(pass the "
+        r"sub-dict of params that holds each layer or part",
+      ):
+        convert(_sorted(params))
+
+  def _haiku_source(self, scopes=None):
+    """hk_params of hk.LSTM cores stacked as ``_named_stack``'s cells.
+
+    Two layers of two cores reading the same input, core ``k`` under the
+    name scope ``scopes[k]`` when given.
+    """
+
+    def deep(x):
+      for layer in range(2):
+        outputs = []
+        for backward in (0, 1):
+          core = hk.LSTM(HIDDEN)
+          if scopes is not None:
+            with hk.name_scope(scopes[2 * layer + backward]):
+              core = hk.LSTM(HIDDEN)
+          outputs.append(core(x, core.initial_state(1))[0])
+        x = jnp.concatenate(outputs, axis=-1)
+
+    x = jnp.ones((1, INPUTS))
+    return _randomized(hk.transform(deep).init(jax.random.PRNGKey(0), x), 7)
+
+  @parameterized.named_parameters(
+    (f"{naming}_{sort}", naming, sort)
+    for naming in DIRECTION_NAMINGS
+    for sort in ("none_sorted", "source_sorted", "params_sorted", "both_sorted")
+  )
+  def test_from_haiku_source_and_params_in_any_order(self, naming, sort):
+    # Haiku cores under direction-named scopes, into cells named alike.
+    naming_fn = DIRECTION_NAMINGS[naming]
+    scopes = None
+    if naming_fn is not None:
+      scopes = [naming_fn(i, backward) for i in range(2) for backward in (0, 1)]
+    hk_params = self._haiku_source(scopes)
+    params, names = self._params(naming_fn)
+    # In creation order on both sides: core k goes to cell k.
+    expected = hk_rnn.interop.from_haiku(hk_params, params)
+    cores = [path for path in hk_params if path.endswith("linear")]
+    for core, name in zip(cores, names, strict=True):
+      np.testing.assert_array_equal(
+        expected[name]["w_h"][:, :HIDDEN],
+        hk_params[core]["w"][-HIDDEN:, :HIDDEN],
+      )
+    if sort in ("source_sorted", "both_sorted"):
+      hk_params = _sorted(hk_params)
+    if sort in ("params_sorted", "both_sorted"):
+      params = _sorted(params)
+    loaded = hk_rnn.interop.from_haiku(hk_params, params)
+    test_utils.tree_allclose(self, loaded, _sorted(expected), atol=0, rtol=0)
+
+  @absltest.skipUnless(HAS_FLAX, "needs flax")
+  def test_from_flax_named_bidirectional_layers_sorted(self):
+    import flax.linen as nn
+
+    names = DIRECTION_NAMINGS["layer_forward"]
+
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        for i in range(2):
+          x = nn.Bidirectional(
+            nn.RNN(nn.LSTMCell(HIDDEN, name=names(i, False))),
+            nn.RNN(nn.LSTMCell(HIDDEN, name=names(i, True))),
+          )(x)
+        return x
+
+    variables = _randomized(
+      Model().init(jax.random.PRNGKey(0), jnp.ones((1, 2, INPUTS))), 2
+    )
+    params, names = self._params(DIRECTION_NAMINGS["layer_forward"])
+    expected = hk_rnn.interop.from_flax(variables, params)
+    flax_params = variables["params"]
+    self.assertEqual(list(flax_params), names)
+    for name in names:
+      np.testing.assert_array_equal(
+        expected[name]["w_h"][:, :HIDDEN], flax_params[name]["hi"]["kernel"]
+      )
+    for given_variables, given_params in [
+      (_sorted(variables), params),
+      (variables, _sorted(params)),
+      (_sorted(variables), _sorted(params)),
+    ]:
+      loaded = hk_rnn.interop.from_flax(given_variables, given_params)
+      test_utils.tree_allclose(self, loaded, _sorted(expected), atol=0, rtol=0)
+
+  @absltest.skipUnless(HAS_KERAS, "needs keras")
+  def test_from_keras_into_sorted_named_params(self):
+    import keras
+
+    if keras.backend.backend() != "jax":
+      self.skipTest("needs Keras on the JAX backend")
+    stack = [
+      keras.layers.Bidirectional(
+        keras.layers.LSTM(HIDDEN, return_sequences=True)
+      )
+      for _ in range(2)
+    ]
+    y = np.zeros((1, 2, INPUTS), np.float32)
+    for seed, layer in enumerate(stack):
+      y = layer(y)
+      layer.set_weights(
+        [
+          np.random.default_rng(seed).normal(size=w.shape).astype(w.dtype)
+          for w in layer.get_weights()
+        ]
+      )
+    for naming in ("layer_forward", "fwd_bwd", "l_fw_bw"):
+      params, names = self._params(DIRECTION_NAMINGS[naming])
+      expected = hk_rnn.interop.from_keras(stack, params)
+      np.testing.assert_allclose(  # layer 0's backward weights, cell 1's
+        expected[names[1]]["w_h"],
+        keras.ops.convert_to_numpy(
+          stack[0].backward_layer.cell.recurrent_kernel
+        ),
+      )
+      loaded = hk_rnn.interop.from_keras(stack, _sorted(params))
+      test_utils.tree_allclose(self, loaded, _sorted(expected), atol=0, rtol=0)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,7 @@ from hk_rnn_test import test_utils
 INPUTS, FEATURES = 3, 5
 CELLS = {"gru": hk_rnn.MinGRUCell, "lstm": hk_rnn.MinLSTMCell}
 METHODS = ("sequential", "chunked", "associative")
-# Row 0 is full, row 1 packs three segments, row 2 is padded, row 3 empty.
-IDS = np.array(
-  [
-    [1, 1, 1, 1, 1, 1, 1],
-    [1, 1, 2, 2, 2, 3, 0],
-    [4, 4, 4, 0, 0, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0],
-  ],
-  np.int32,
-)
+IDS = test_utils.PACKED_IDS
 
 
 def _sigmoid(x):
@@ -87,16 +78,6 @@ def _cell_params(params):
   return params[name]
 
 
-def _inputs(shape, seed=0, ids=None):
-  """Normal inputs; NaN and inf at the padded steps of ``ids``."""
-  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-  if ids is not None:
-    padded = np.argwhere(ids == 0)
-    for n, (row, t) in enumerate(padded):
-      x[row, t] = (np.nan, np.inf, -np.inf)[n % 3]
-  return x
-
-
 def _weights(shape, seed):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
@@ -136,7 +117,7 @@ def _model(kind, method="auto", fused=True, **rnn_options):
 
 def _setup(kind, ids, seed=0):
   batch, time = ids.shape
-  x = _inputs((batch, time, INPUTS), seed, ids)
+  x = test_utils.inputs_with_bad_padding((batch, time, INPUTS), seed, ids)
   h0 = _weights((batch, FEATURES), seed + 1)
   model, _ = _model(kind)
   params = model.init(jax.random.PRNGKey(seed), x, ids, h0)
@@ -320,7 +301,9 @@ class LayoutTest(parameterized.TestCase):
 
     model = test_utils.transform(forward)
     params = self.params
-    xs = np.stack([self.x, _inputs(self.x.shape, 5, IDS)])
+    xs = np.stack(
+      [self.x, test_utils.inputs_with_bad_padding(self.x.shape, 5, IDS)]
+    )
     final, outputs = jax.vmap(jax.jit(model.apply), (None, 0, None))(
       params, xs, IDS
     )
@@ -330,22 +313,6 @@ class LayoutTest(parameterized.TestCase):
       )
       np.testing.assert_allclose(final[n], want_final, rtol=1e-5, atol=1e-5)
       np.testing.assert_allclose(outputs[n], want_outputs, rtol=1e-5, atol=1e-5)
-
-
-def _loss_of(model):
-  def loss(params, *args, **kwargs):
-    leaves = jax.tree.leaves(model.apply(params, *args, **kwargs))
-    return sum(
-      jnp.sum(jnp.sin(leaf * (1 + n))) for n, leaf in enumerate(leaves)
-    )
-
-  return loss
-
-
-def _value_and_grad(model, params, *args, **kwargs):
-  values = model.apply(params, *args, **kwargs)
-  grads = jax.grad(_loss_of(model))(params, *args, **kwargs)
-  return values, grads
 
 
 class CompositionTest(absltest.TestCase):
@@ -369,12 +336,12 @@ class CompositionTest(absltest.TestCase):
       return stack(x, seq_lengths=lengths)
 
     model = test_utils.transform(forward)
-    x = _inputs((4, 7, INPUTS), 3)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 3)
     params = model.init(jax.random.PRNGKey(0), x, lengths, True)
     results = [
-      jax.jit(functools.partial(_value_and_grad, model), static_argnums=3)(
-        params, x, lengths, fused
-      )
+      jax.jit(
+        functools.partial(test_utils.value_and_grad, model), static_argnums=3
+      )(params, x, lengths, fused)
       for fused in (True, False)
     ]
     test_utils.tree_allclose(self, results[0], results[1])
@@ -389,7 +356,7 @@ class CompositionTest(absltest.TestCase):
       ],
       np.int32,
     )
-    x = _inputs((3, 12, INPUTS), 4)
+    x = test_utils.inputs_with_bad_padding((3, 12, INPUTS), 4)
 
     def forward(x, ids, initial_carry=None, initial_segment_ids=None):
       return hk_rnn.RNN(hk_rnn.MinLSTMCell(FEATURES))(
@@ -441,7 +408,10 @@ class CompositionTest(absltest.TestCase):
       )
 
     model = hk.transform(forward)
-    x, lengths = _inputs((3, 6, INPUTS), 5), np.array([6, 3, 0])
+    x, lengths = (
+      test_utils.inputs_with_bad_padding((3, 6, INPUTS), 5),
+      np.array([6, 3, 0]),
+    )
     params = model.init(jax.random.PRNGKey(0), x, lengths, True)
     key = jax.random.PRNGKey(1)
     apply = jax.jit(model.apply, static_argnums=4)
@@ -468,7 +438,7 @@ class DiagonalLRU(hk_rnn.LinearRecurrentCell):
 
 class UserCellTest(absltest.TestCase):
   def test_user_cell_gets_the_whole_sequence_path(self):
-    x = _inputs((4, 7, INPUTS), 6, IDS)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 6, IDS)
 
     def forward(x, ids, fused):
       return hk_rnn.RNN(DiagonalLRU(FEATURES), fused=fused, reverse=True)(
@@ -478,7 +448,9 @@ class UserCellTest(absltest.TestCase):
     model = test_utils.transform(forward)
     params = model.init(jax.random.PRNGKey(0), x, IDS, True)
     params = jax.tree.map(lambda p: p + _weights(p.shape, 9) * 0.5, params)
-    run = jax.jit(functools.partial(_value_and_grad, model), static_argnums=3)
+    run = jax.jit(
+      functools.partial(test_utils.value_and_grad, model), static_argnums=3
+    )
     fused, stepped = (run(params, x, IDS, f) for f in (True, False))
     test_utils.tree_allclose(self, fused, stepped)
 
@@ -498,7 +470,7 @@ class UserCellTest(absltest.TestCase):
 
 class StepCarriesTest(absltest.TestCase):
   def test_return_step_carries_gives_the_carry_after_every_step(self):
-    x = _inputs((4, 7, INPUTS), 7, IDS)
+    x = test_utils.inputs_with_bad_padding((4, 7, INPUTS), 7, IDS)
     valid = jnp.asarray(IDS.T != 0)
     reset = sequences.segment_starts(jnp.asarray(IDS.T), axis=0)
 

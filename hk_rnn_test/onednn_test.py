@@ -1,9 +1,8 @@
-"""Tests of the optional oneDNN LSTM path (``hk_rnn/_src/onednn.py``).
+"""Tests of the compiled CPU backend, oneDNN (``hk_rnn/_src/kernels/onednn.py``).
 
-Against two references that do not use oneDNN: the fused JAX kernel (the
-extension switched off) and a step-by-step loop of the LSTM equations
+Against two references that do not use oneDNN: the XLA kernel and a step-by-step loop of the LSTM equations
 (``test_utils.reference_step``), values and gradients. Also: which calls
-``lstm_sequence`` hands to oneDNN, the switch, ``vmap``, concurrency, and
+``lstm_sequence`` hands to oneDNN, the kernel mode, ``vmap``, concurrency, and
 the fallback when the extension is missing or broken. Skipped when the
 extension is not built (``python setup.py build_ext --inplace``).
 """
@@ -22,7 +21,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src import fused, onednn
+from hk_rnn._src.kernels import dispatch, gates, onednn, xla
 from hk_rnn_test import test_utils
 
 _AVAILABLE = onednn.available()
@@ -75,22 +74,7 @@ def _gru_through_onednn(*args):
 
 
 def _gru_through_fused(x, w_i, w_h, b_i, b_h, h):
-  (h,), outputs, _ = fused._sequence(  # noqa: SLF001
-    fused._GRU,  # noqa: SLF001
-    1,
-    False,  # no per-step carries
-    x,
-    w_i,
-    w_h,
-    b_i,
-    b_h,
-    (h,),
-    (h,),
-    None,
-    None,
-    None,
-  )
-  return h, outputs
+  return xla.single_carry(gates.GRU, x, w_i, w_h, b_i, b_h, h, h)
 
 
 def _gru_through_steps(x, w_i, w_h, b_i, b_h, h):
@@ -109,26 +93,11 @@ def _through_onednn(x, w_i, w_h, b, carry):
 
 def _through_dispatch(x, w_i, w_h, b, carry):
   """What ``lstm_sequence`` runs by default."""
-  return fused.lstm_sequence(x, w_i, w_h, b, carry)
+  return dispatch.lstm_sequence(x, w_i, w_h, b, carry)
 
 
 def _through_fused(x, w_i, w_h, b, carry):
-  final, outputs, _ = fused._sequence(  # noqa: SLF001 - the kernel oneDNN replaces
-    fused._LSTM,  # noqa: SLF001
-    1,
-    False,  # no per-step carries
-    x,
-    w_i,
-    w_h,
-    b,
-    None,
-    tuple(carry),
-    tuple(carry),
-    None,
-    None,
-    None,
-  )
-  return final, outputs
+  return xla.lstm(x, w_i, w_h, b, carry, carry)
 
 
 def _through_steps(x, w_i, w_h, b, carry):
@@ -176,15 +145,19 @@ def _runs_onednn(function, *args, target="hk_rnn_"):
 
 
 class _Switch(parameterized.TestCase):
-  """Leaves the switch as it found it."""
+  """Runs in ``compiled`` mode; leaves the mode as it found it."""
 
   def setUp(self):
     super().setUp()
-    self.addCleanup(onednn.set_enabled, None)
+    self.addCleanup(hk_rnn.use_kernels, None)
+    self.addCleanup(onednn.set_training, None)
     environment = mock.patch.dict(os.environ)
     environment.start()
     self.addCleanup(environment.stop)
-    os.environ.pop(onednn.ENVIRONMENT_VARIABLE, None)
+    for variable in ("HK_RNN_KERNELS", "HK_RNN_ONEDNN"):
+      os.environ.pop(variable, None)
+    # ``auto`` never chooses oneDNN (see the module's docstring).
+    hk_rnn.use_kernels("compiled")
     os.environ.pop(onednn.TRAINING_VARIABLE, None)
     os.environ.pop(onednn.THREADS_VARIABLE, None)
 
@@ -227,8 +200,8 @@ class ValuesAndGradientsTest(_Switch):
     actual = _results_and_grads(_gru_through_onednn)(*args)
     _assert_close(actual, _results_and_grads(_gru_through_fused)(*args))
     _assert_close(actual, _results_and_grads(_gru_through_steps)(*args))
-    dispatch = _results_and_grads(lambda *a: fused.gru_sequence(*a))
-    _assert_close(dispatch(*args), actual)
+    dispatched = _results_and_grads(lambda *a: dispatch.gru_sequence(*a))
+    _assert_close(dispatched(*args), actual)
 
   @absltest.skipUnless(_HAS_TORCH, "PyTorch is not installed")
   def test_matches_pytorch(self):
@@ -338,7 +311,7 @@ class ValuesAndGradientsTest(_Switch):
 
     expected = jax.value_and_grad(loss(reference.apply), (0, 1))(params, x)
     for training in (False, True):
-      onednn.set_enabled(training=training)
+      onednn.set_training(training)
       actual = jax.value_and_grad(loss(model.apply), (0, 1))(params, x)
       _assert_close(actual, expected)
 
@@ -352,12 +325,14 @@ class DispatchTest(_Switch):
     self.args = _make(4, 2, 3, 5)
 
   def _lstm_sequence(self, **kwargs):
-    return lambda *args: fused.lstm_sequence(*args, **kwargs)
+    return lambda *args: dispatch.lstm_sequence(*args, **kwargs)
 
   def test_plain_float32_calls_run_onednn(self):
     self.assertTrue(_runs_onednn(self._lstm_sequence(), *self.args))
     gru_args = _make_gru(4, 2, 3, 5)
-    self.assertTrue(_runs_onednn(lambda *a: fused.gru_sequence(*a), *gru_args))
+    self.assertTrue(
+      _runs_onednn(lambda *a: dispatch.gru_sequence(*a), *gru_args)
+    )
     self.assertTrue(
       _runs_onednn(
         jax.grad(lambda *a: jnp.sum(_through_onednn(*a)[1])), *self.args
@@ -366,16 +341,16 @@ class DispatchTest(_Switch):
 
   def test_training_runs_the_fused_vjp_unless_switched(self):
     def gradient(*args):
-      return jax.grad(lambda *a: jnp.sum(fused.lstm_sequence(*a)[1]))(*args)
+      return jax.grad(lambda *a: jnp.sum(dispatch.lstm_sequence(*a)[1]))(*args)
 
     backward = "hk_rnn_lstm_backward"
     self.assertFalse(_runs_onednn(gradient, *self.args, target="hk_rnn_"))
-    onednn.set_enabled(training=True)
+    onednn.set_training(True)
     self.assertTrue(_runs_onednn(gradient, *self.args, target=backward))
-    onednn.set_enabled()
+    onednn.set_training(None)
     os.environ[onednn.TRAINING_VARIABLE] = "1"
     self.assertTrue(_runs_onednn(gradient, *self.args, target=backward))
-    onednn.set_enabled(training=False)
+    onednn.set_training(False)
     self.assertFalse(_runs_onednn(gradient, *self.args, target=backward))
 
   def test_second_derivatives_by_default(self):
@@ -384,12 +359,12 @@ class DispatchTest(_Switch):
     def second(w_h):
       def inner(w_h):
         x, w_i, _, b, carry = self.args
-        return jnp.sum(fused.lstm_sequence(x, w_i, w_h, b, carry)[1] ** 2)
+        return jnp.sum(dispatch.lstm_sequence(x, w_i, w_h, b, carry)[1] ** 2)
 
       return jnp.sum(jax.grad(inner)(w_h) ** 2)
 
     on = jax.grad(lambda w: second(w))(self.args[2])
-    onednn.set_enabled(False)
+    hk_rnn.use_kernels("xla")
     _assert_close(on, jax.grad(lambda w: second(w))(self.args[2]))
 
   @parameterized.named_parameters(
@@ -414,22 +389,30 @@ class DispatchTest(_Switch):
 
   def test_the_switch(self):
     run = self._lstm_sequence()
-    onednn.set_enabled(False)
+    hk_rnn.use_kernels("xla")
     self.assertFalse(_runs_onednn(run, *self.args))
-    onednn.set_enabled(True)
+    hk_rnn.use_kernels("compiled")
     self.assertTrue(_runs_onednn(run, *self.args))
-    onednn.set_enabled(None)
-    for value, expected in (("0", False), ("1", True), ("auto", True)):
-      os.environ[onednn.ENVIRONMENT_VARIABLE] = value
+    hk_rnn.use_kernels(None)
+    for variable, value, expected in (
+      ("HK_RNN_KERNELS", "xla", False),
+      ("HK_RNN_KERNELS", "compiled", True),
+      ("HK_RNN_KERNELS", "auto", False),
+      ("HK_RNN_ONEDNN", "0", False),
+      ("HK_RNN_ONEDNN", "1", True),
+    ):
+      os.environ[variable] = value
       self.assertEqual(_runs_onednn(run, *self.args), expected, value)
-    onednn.set_enabled(False)  # takes precedence over the variable
+      del os.environ[variable]
+    os.environ["HK_RNN_KERNELS"] = "compiled"
+    hk_rnn.use_kernels("xla")  # takes precedence over the variable
     self.assertFalse(_runs_onednn(run, *self.args))
 
   def test_both_settings_give_the_same_numbers(self):
     run = _results_and_grads(self._lstm_sequence())
-    onednn.set_enabled(True)
+    hk_rnn.use_kernels("compiled")
     on = run(*self.args)
-    onednn.set_enabled(False)
+    hk_rnn.use_kernels("xla")
     run = _results_and_grads(self._lstm_sequence())
     _assert_close(on, run(*self.args))
 
@@ -443,13 +426,14 @@ class DispatchTest(_Switch):
       _through_onednn(*self.args)
 
   def test_bad_switch_values_raise(self):
-    with self.assertRaisesRegex(ValueError, "set_enabled: enabled must be"):
-      onednn.set_enabled("yes")
-    with self.assertRaisesRegex(ValueError, "set_enabled: training must be"):
-      onednn.set_enabled(training=1)
-    os.environ[onednn.ENVIRONMENT_VARIABLE] = "maybe"
-    with self.assertRaisesRegex(ValueError, "HK_RNN_ONEDNN must be"):
-      fused.lstm_sequence(*self.args)
+    with self.assertRaisesRegex(ValueError, "use_kernels must be one of"):
+      hk_rnn.use_kernels("yes")
+    with self.assertRaisesRegex(ValueError, "set_training: training must be"):
+      onednn.set_training(1)
+    hk_rnn.use_kernels(None)
+    os.environ["HK_RNN_KERNELS"] = "maybe"
+    with self.assertRaisesRegex(ValueError, "HK_RNN_KERNELS must be"):
+      dispatch.lstm_sequence(*self.args)
 
 
 @_SKIP
@@ -509,7 +493,7 @@ class TransformationsTest(_Switch):
 
 
 class FallbackTest(_Switch):
-  """A missing or broken build: one logged line, then the fused kernels."""
+  """A missing or broken build: one logged line, then the XLA kernels."""
 
   def setUp(self):
     super().setUp()
@@ -520,17 +504,18 @@ class FallbackTest(_Switch):
     self.args = _make(4, 2, 3, 5)
 
   def _assert_falls_back(self, level):
+    hk_rnn.use_kernels("auto")
     with self.assertLogs("absl", level) as logs:
       self.assertFalse(onednn.supports(*self.args))
       self.assertFalse(onednn.supports(*self.args))
       self.assertFalse(
-        _runs_onednn(lambda *a: fused.lstm_sequence(*a), *self.args)
+        _runs_onednn(lambda *a: dispatch.lstm_sequence(*a), *self.args)
       )
     self.assertLen(logs.output, 1)
-    self.assertIn("using the fused JAX kernels", logs.output[0])
-    onednn.set_enabled(True)
-    with self.assertRaisesRegex(RuntimeError, "HK_RNN_ONEDNN=1"):
-      onednn.supports(*self.args)
+    self.assertIn("using the XLA kernels", logs.output[0])
+    hk_rnn.use_kernels("compiled")
+    with self.assertRaisesRegex(RuntimeError, "compiled CPU kernels"):
+      dispatch.lstm_sequence(*self.args)
 
   def test_missing_extension(self):
     with mock.patch.object(onednn, "library_path", return_value=None):
@@ -544,9 +529,11 @@ class FallbackTest(_Switch):
         self._assert_falls_back("WARNING")
 
   def test_the_switch_off_never_loads(self):
-    onednn.set_enabled(False)
+    hk_rnn.use_kernels("xla")
     with mock.patch.object(ctypes, "CDLL") as load:
-      self.assertFalse(onednn.supports(*self.args))
+      self.assertFalse(
+        _runs_onednn(lambda *a: dispatch.lstm_sequence(*a), *self.args)
+      )
     load.assert_not_called()
 
 

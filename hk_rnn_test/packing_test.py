@@ -12,7 +12,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src import fused
+from hk_rnn._src.kernels import dispatch
 from hk_rnn_test import test_utils
 
 FEATURES, INPUTS = 5, 3
@@ -329,6 +329,87 @@ def _nonzero_carry(kind, batch):
   return (0.5 * h, h) if kind == "lstm" else h
 
 
+class UnpackSegmentsWithoutSlotsTest(parameterized.TestCase):
+  """A carry computed without max_segments is refused, whatever its sizes.
+
+  Without ``max_segments`` the carry is one per row, ``(rows, *carry)``;
+  read as slots it would give wrong shapes and values, so unpack_segments
+  must say to run with ``max_segments``.
+  """
+
+  def _carries(self, cell_fn, sequences, max_segments):
+    packed = hk_rnn.pack_sequences(sequences, row_length=6)
+
+    def forward(x, mask):
+      return hk_rnn.RNN(cell_fn())(x, mask, max_segments=max_segments)
+
+    model = test_utils.transform(forward)
+    x, mask = packed.inputs, packed.segmentation_mask
+    carry, _ = model.apply(model.init(jax.random.PRNGKey(0), x, mask), x, mask)
+    return carry, packed
+
+  def _sequences(self, features=(2,)):
+    rng = np.random.default_rng(0)
+    return [
+      rng.normal(size=(n, *features)).astype(np.float32) for n in (3, 2, 1, 4)
+    ]
+
+  @parameterized.named_parameters(
+    # F below, equal to and above the slots the batch uses (2): shapes alone
+    # would pass for the last two.
+    ("gru_narrow", lambda: hk_rnn.GRUCell(1)),
+    ("gru_as_wide_as_the_slots", lambda: hk_rnn.GRUCell(2)),
+    ("gru_wide", lambda: hk_rnn.GRUCell(5)),
+    ("lstm_c_and_h", lambda: hk_rnn.LSTMCell(5)),
+    ("lstm_as_wide_as_the_slots", lambda: hk_rnn.LSTMCell(2)),
+  )
+  def test_vector_carry_without_slots_is_refused(self, cell_fn):
+    sequences = self._sequences()
+    carry, packed = self._carries(cell_fn, sequences, None)
+    self.assertEqual(packed.max_segments, 2)
+    with self.assertRaisesRegex(
+      ValueError,
+      r"^unpack_segments: segment_carries has no slot axis: .* That is the "
+      r"carry of an RNN run without max_segments, one per row; run the RNN "
+      r"with max_segments=packed.max_segments = 2 to get one per segment",
+    ):
+      hk_rnn.unpack_segments(carry, packed)
+    # With max_segments the same cell's carries unpack, one per sequence.
+    carry, packed = self._carries(cell_fn, sequences, packed.max_segments)
+    unpacked = hk_rnn.unpack_segments(carry, packed)
+    for leaf in jax.tree.leaves(unpacked):
+      self.assertEqual(leaf.shape[0], len(sequences))
+
+  def test_conv_lstm_carry_without_slots_is_refused(self):
+    # (rows, H, W, F) with H >= the slots: a rank-4 leaf that shape and
+    # size checks alone would read as (rows, K, W, F).
+    sequences = self._sequences(features=(3, 3, 1))
+
+    def cell():
+      return hk_rnn.ConvLSTMCell(2, kernel_shape=(1, 1))
+
+    carry, packed = self._carries(cell, sequences, None)
+    self.assertGreaterEqual(carry[0].shape[1], packed.max_segments)
+    with self.assertRaisesRegex(ValueError, r"no slot axis: .*max_segments"):
+      hk_rnn.unpack_segments(carry, packed)
+    carry, packed = self._carries(cell, sequences, packed.max_segments)
+    c, h = hk_rnn.unpack_segments(carry, packed)
+    self.assertEqual(h.shape, (len(sequences), 3, 3, 2))
+
+  def test_leaves_with_different_slot_counts_are_refused(self):
+    packed = hk_rnn.pack_sequences(self._sequences(), row_length=6)
+    rows = packed.num_rows
+    with self.assertRaisesRegex(
+      ValueError,
+      r"no slot axis: its leaves differ in the size of axis 1, where every "
+      r"leaf with slots has the same K \(leaves \[0\] "
+      rf"\({rows}, 3, 4\), \[1\] \({rows}, 4, 4\)\)",
+    ):
+      hk_rnn.unpack_segments(
+        (np.zeros((rows, 3, 4)), np.zeros((rows, 4, 4))), packed
+      )
+
+
 class SegmentCarriesTest(parameterized.TestCase):
   """``max_segments``: every segment's carry, as if run on its own."""
 
@@ -379,12 +460,12 @@ class SegmentCarriesTest(parameterized.TestCase):
   @parameterized.parameters("lstm", "gru", "mgu", "simple")
   def test_packed_rows_run_in_the_fused_kernel(self, kind):
     name = {"lstm": "lstm", "gru": "gru", "mgu": "mgu", "simple": "simple"}
-    kernel = getattr(fused, f"{name[kind]}_sequence")
+    kernel = getattr(dispatch, f"{name[kind]}_sequence")
     inputs, ids = _inputs(), jnp.asarray(IDS)
     model = _forward(kind)
     params = model.init(jax.random.PRNGKey(0), inputs, ids)
     with absltest.mock.patch.object(
-      fused, kernel.__name__, wraps=kernel
+      dispatch, kernel.__name__, wraps=kernel
     ) as spy:
       model.apply(params, inputs, ids, max_segments=SLOTS)
     spy.assert_called_once()

@@ -155,27 +155,27 @@ class MaskErrorMessagesTest(parameterized.TestCase):
     (
       "padding_then_an_id",
       [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]],
-      r"padding \(0\) must only sit at the end of a row; got row \(1,\) = "
-      r"\[1, 1, 0, 1, 1\] \(padding at step 2, then id 1 at step 3\)$",
+      r"padding \(0\) must only sit at the end of a row; got row \(1,\): "
+      r"padding at step 2, then id 1 at step 3 \(1 of 2 rows\); padding "
+      r"belongs after each row's steps",
     ),
     (
       "longer_padding_then_an_id",
       [[1, 0, 0, 2, 0], [1, 1, 1, 1, 1]],
-      r"padding \(0\) must only sit at the end of a row; got row \(0,\) = "
-      r"\[1, 0, 0, 2, 0\] \(padding at steps 1 to 2, then "
-      r"id 2 at step 3\)$",
+      r"padding \(0\) must only sit at the end of a row; got row \(0,\): "
+      r"padding at steps 1 to 2, then id 2 at step 3 \(1 of 2 rows\)",
     ),
     (
       "decreasing",
       [[1, 1, 1, 1, 1], [1, 2, 2, 1, 0]],
-      r"segment ids must not decrease .*; got row \(1,\) = \[1, 2, 2, 1, 0\] "
-      r"\(id 2 at step 2, then id 1 at step 3\)$",
+      r"segment ids must not decrease .*; got row \(1,\): id 2 at step 2, "
+      r"then id 1 at step 3 \(1 of 2 rows\)$",
     ),
     (
       "negative",
       [[1, -2, 0, 0, 0], [1, 1, 1, 1, 1]],
-      r"ids must be non-negative; got row \(0,\) = \[1, -2, 0, 0, 0\] "
-      r"\(id -2 at step 1\)$",
+      r"ids must be non-negative; got row \(0,\): id -2 at step 1 \(1 of 2 "
+      r"rows\)$",
     ),
   )
   def test_names_the_steps(self, mask, message):
@@ -274,8 +274,8 @@ class LastSegmentIdsTest(parameterized.TestCase):
       np.array([[1, 1, 0, 1]]),
       None,
       r"segmentation_mask padding \(0\) must only sit at the end of a row; "
-      r"got row \(0,\) = \[1, 1, 0, 1\] \(padding at step 2, then id 1 at "
-      r"step 3\)$",
+      r"got row \(0,\): padding at step 2, then id 1 at step 3 \(1 of 1 "
+      r"rows\); padding belongs",
     ),
     (
       "decreasing",

@@ -226,7 +226,8 @@ class StackedRNNTest(parameterized.TestCase):
       "carries",
       None,
       {"initial_carry": (None, None)},
-      "one entry per layer, 1; got 2",
+      r"StackedRNN: initial_carry takes one entry per layer \(1 layer: .*\), "
+      r"a tuple or list of 1; got a tuple of 2",
     ),
     (
       "both",

@@ -148,3 +148,40 @@ def tree_allclose(test, actual, expected, atol=1e-5, rtol=1e-5):
       atol=atol,
       rtol=rtol,
     )
+
+
+def value_and_grad(model, params, *args, **kwargs):
+  """``model.apply``'s results and the gradient of a loss of all of them.
+
+  The loss, ``Σ_n Σ sin((1 + n) · leaf_n)`` over the result's leaves, weighs
+  every output and carry array differently, so that a wrong leaf shows.
+  """
+
+  def loss(params):
+    leaves = jax.tree.leaves(model.apply(params, *args, **kwargs))
+    return sum(
+      jnp.sum(jnp.sin(leaf * (1 + n))) for n, leaf in enumerate(leaves)
+    )
+
+  return model.apply(params, *args, **kwargs), jax.grad(loss)(params)
+
+
+# Row 0 is full, row 1 packs three segments, row 2 is padded, row 3 empty.
+PACKED_IDS = np.array(
+  [
+    [1, 1, 1, 1, 1, 1, 1],
+    [1, 1, 2, 2, 2, 3, 0],
+    [4, 4, 4, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0],
+  ],
+  np.int32,
+)
+
+
+def inputs_with_bad_padding(shape, seed=0, ids=None):
+  """Normal float32 inputs; NaN and ±inf at the padded steps of ``ids``."""
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  if ids is not None:
+    for n, (row, t) in enumerate(np.argwhere(ids == 0)):
+      x[row, t] = (np.nan, np.inf, -np.inf)[n % 3]
+  return x

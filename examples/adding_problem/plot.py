@@ -30,7 +30,7 @@ def curve(run_dir: str) -> tuple[str, list[float], list[float]]:
 def main(argv):
   if len(argv) < 2:
     raise app.UsageError("Give at least one run folder.")
-  from matplotlib import pyplot as plt
+  plt = metrics.pyplot()
 
   figure, axis = plt.subplots(figsize=(6, 3.5))
   for run_dir in argv[1:]:

@@ -7,13 +7,50 @@ per split, so train and eval curves of the same quantity share axes.
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 
-import matplotlib
 
-# No display on training machines; pick the file backend before pyplot loads.
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
+def _writable(base: str) -> bool:
+  """Whether matplotlib could use ``base/matplotlib``, as it checks."""
+  folder = os.path.join(base, "matplotlib")
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError:
+    return False
+  return os.access(folder, os.W_OK)
+
+
+def pyplot():
+  """matplotlib's pyplot on the file backend, imported when a plot is drawn.
+
+  matplotlib keeps its config and font cache under ``~/.config`` and
+  ``~/.cache``; where those cannot be written (Bazel's sandbox, a read-only
+  home in a container) it logs a warning on every run and rebuilds its font
+  cache. Then, unless ``MPLCONFIGDIR`` is set, it is pointed at a per-user
+  folder under the temp dir instead, kept across runs. Imported here, not
+  at module load, so that a run that draws nothing never loads it.
+  """
+  home = os.path.expanduser("~")
+  if "MPLCONFIGDIR" not in os.environ and not (
+    _writable(
+      os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    )
+    and _writable(
+      os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    )
+  ):
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    folder = os.path.join(tempfile.gettempdir(), f"matplotlib-{user}")
+    os.makedirs(folder, exist_ok=True)
+    os.environ["MPLCONFIGDIR"] = folder
+  import matplotlib
+
+  # No display on training machines; the file backend, before pyplot loads.
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  return plt
 
 
 def read_records(path: str) -> list[dict]:
@@ -81,6 +118,7 @@ def plot_curves(
       steps.append(record["step"])
       values.append(value)
   names = sorted(series)
+  plt = pyplot()
   figure, axes = plt.subplots(
     1, max(len(names), 1), figsize=(4.5 * max(len(names), 1), 3.5)
   )

@@ -152,9 +152,10 @@ class Bidirectional(hk.Module):
       if (
         not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2
       ):
-        raise ValueError(
-          "Bidirectional: initial_carry must be a (forward, backward) pair, "
-          f"got {type(initial_carry).__name__}"
+        raise rnn_lib.InitialCarryMismatch(
+          "Bidirectional: initial_carry must be one (forward, backward) "
+          "pair, a carry for each direction's RNN; got "
+          + rnn_lib.describe_carry(initial_carry)
         )
       forward_carry, backward_carry = initial_carry
     # Check the mask here too, so that errors name this module.
@@ -183,22 +184,29 @@ class Bidirectional(hk.Module):
       is_training=is_training,
       max_segments=max_segments,
     )
-    forward_carry, forward_outputs = self.forward_rnn(
-      inputs,
-      segmentation_mask,
-      initial_carry=forward_carry,
-      reverse=False,
-      keep_order=False,
-      **options,
-    )
-    backward_carry, backward_outputs = self.backward_rnn(
-      inputs,
-      segmentation_mask,
-      initial_carry=backward_carry,
-      reverse=True,
-      keep_order=True,
-      **options,
-    )
+    pair = "initial_carry is one (forward, backward) pair"
+    with rnn_lib.initial_carry_context(
+      "Bidirectional", f"{pair}; its forward carry does not fit forward_rnn"
+    ):
+      forward_carry, forward_outputs = self.forward_rnn(
+        inputs,
+        segmentation_mask,
+        initial_carry=forward_carry,
+        reverse=False,
+        keep_order=False,
+        **options,
+      )
+    with rnn_lib.initial_carry_context(
+      "Bidirectional", f"{pair}; its backward carry does not fit backward_rnn"
+    ):
+      backward_carry, backward_outputs = self.backward_rnn(
+        inputs,
+        segmentation_mask,
+        initial_carry=backward_carry,
+        reverse=True,
+        keep_order=True,
+        **options,
+      )
     outputs = self.merge_fn(forward_outputs, backward_outputs)
     if not return_carry:
       return outputs

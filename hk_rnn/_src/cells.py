@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src import dropout, fused
+from hk_rnn._src import dropout
+from hk_rnn._src.kernels import dispatch
 
 Array = jax.Array
 Carry = Any
@@ -65,7 +66,7 @@ class RNNCellBase(hk.Module, abc.ABC):
     """A whole-sequence kernel, or ``None`` where the cell has none.
 
     ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``.
-    ``sequence`` holds what the kernels in ``fused.py`` take by keyword, as
+    ``sequence`` holds what the kernels in :mod:`hk_rnn._src.kernels` take by keyword, as
     ``RNN`` computes it: ``valid`` and ``reset``, ``(time, batch)`` bools;
     ``reset_carry``, the carry a row restarts from where ``reset``;
     ``recurrent_mask``; and, only when ``RNN`` needs per-segment carries
@@ -331,14 +332,14 @@ class LSTMCell(_GatedCell):
     return _lstm_update(self, z, c)
 
   def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
-    """The whole sequence in :func:`fused.lstm_sequence` (σ/tanh only)."""
+    """The whole sequence in :func:`dispatch.lstm_sequence` (σ/tanh only)."""
     if not self._has_default_activations():
       return None
     # Same parameters, created in the same order, as ``__call__``'s; passed
     # uncast so that their gradients are accumulated in float32.
     w_i, w_h = self._dense_weights(inputs.shape[-1], None)
     b = self._parameter("b", (4 * self.features,), self.b_init)
-    return fused.lstm_sequence(
+    return dispatch.lstm_sequence(
       inputs.astype(self._compute_dtype(inputs.dtype)),
       w_i,
       w_h,
@@ -383,7 +384,7 @@ class _TwoBiasCell(_GatedCell):
     """The whole sequence in the cell's fused kernel (σ/tanh only)."""
     if not self._has_default_activations():
       return None
-    kernel = getattr(fused, self._kernel_name)
+    kernel = getattr(dispatch, self._kernel_name)
     return kernel(
       inputs.astype(self._compute_dtype(inputs.dtype)),
       *self._dense_weights(inputs.shape[-1], None),
@@ -458,12 +459,12 @@ class SimpleCell(_GatedCell):
     return self.activation_fn is jnp.tanh  # gate_fn is unused here
 
   def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
-    """The whole sequence in :func:`fused.simple_sequence` (tanh only)."""
+    """The whole sequence in :func:`dispatch.simple_sequence` (tanh only)."""
     if not self._has_default_activations():
       return None
     w_i, w_h = self._dense_weights(inputs.shape[-1], None)
     b = self._parameter("b", (self.features,), self.b_init)
-    return fused.simple_sequence(
+    return dispatch.simple_sequence(
       inputs.astype(self._compute_dtype(inputs.dtype)),
       w_i,
       w_h,

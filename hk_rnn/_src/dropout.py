@@ -47,6 +47,25 @@ def sample_mask(rate: float, shape: Sequence[int], dtype) -> Array | None:
   return jnp.where(kept, jnp.asarray(1.0 / keep, dtype), jnp.zeros((), dtype))
 
 
+def input_masks(
+  rate: float, sample_inputs: Array, dtype, rng: jax.Array | None
+) -> DropoutMasks:
+  """The masks of a cell with no recurrent weight: an input mask only.
+
+  Shaped like one step of input; drawn from ``rng`` when given (the same key
+  gives the same mask), else from ``hk.next_rng_key()`` when ``rate`` is
+  non-zero.
+  """
+
+  def sample():
+    return DropoutMasks(sample_mask(rate, sample_inputs.shape, dtype), None)
+
+  if rng is None:
+    return sample()
+  with hk.with_rng(rng):
+    return sample()
+
+
 TRAINING_FIXES = (
   "pass an rng to apply (model.apply(params, rng, ...), so not under "
   "hk.without_apply_rng), or call with is_training=False"

@@ -11,25 +11,30 @@ its parameters have a cell's layout: ``w_i, w_h, b`` with ``w_h`` of width
 ``F`` (``SimpleCell``), ``w_i, w_h, b_i, b_h`` with width ``3F``
 (``GRUCell``) or ``2F`` (``MGUCell``). Every other entry is left untouched.
 
-**The order of cells.** Haiku names a module after its class, numbering the
-second and later ones of a name in the same scope: ``lstm_cell``,
-``lstm_cell_1``, ..., ``lstm_cell_10``. Cells are ordered by their module
-names, compared one ``/``-separated component at a time: instances of the
-same name in numeric order (``lstm_cell_2`` before ``lstm_cell_10``, and
-``rnn/lstm_cell`` before ``rnn_1/lstm_cell``), a ``forward...`` name before
-its ``backward...`` twin; all other cells keep the order in which they
-appear in ``params``. On params as ``init`` returned them (created in order)
-that is the creation order. A
-params tree that went through ``jax.tree.map``, ``jax.jit`` or a checkpoint
-restore has its keys sorted, which loses the order between cells of
-different kinds (``gru_cell`` now sorts before ``lstm_cell``); so when the
-kinds then disagree position by position, but each kind has as many cells as
-the source has layers of it and the keys are sorted, cells are matched kind
-by kind (the source's k-th LSTM with the k-th ``LSTMCell``). What no name
-can tell is the order of cells of one kind under differently named parents
-of sorted params (``decoder/...`` sorts before ``encoder/...``); convert
-such models one part at a time, passing the sub-dict of ``params`` that
-holds that part, and merge the results.
+**The order of cells.** Cells are matched in the order the model created
+them. A params tree whose keys are not in sorted order is in that order
+(``init`` returns it so), and is taken as it is. One whose keys are sorted
+may have been sorted since (every ``jax.tree.map``, ``jax.jit`` output,
+optax update and checkpoint restore sorts them), so the order is read from
+the names, one ``/``-separated component at a time. Names that differ only
+in numbers and direction words are instances of one name: Haiku's
+numbering (``lstm_cell``, ``lstm_cell_1``, ..., ``lstm_cell_10``, in
+numeric order), numbers inside a name (``layer2`` before ``layer10``), and
+the direction words ``forward``/``fwd``/``fw`` before
+``backward``/``bwd``/``bw`` as whole words anywhere in a name
+(``layer0_forward``, ``layer0_backward``, ``fwd1``, ``bwd1``, ``l2_fw``,
+``forward_lstm``, ``Layer0Backward``). When two cells of one kind have
+names that differ in anything else (``decoder/...`` and ``encoder/...``,
+``left0`` and ``right0``), no name tells which came first, and the
+converter raises a ``ValueError`` saying how to settle it: pass params as
+``init`` returned them, convert one part at a time (the sub-dict of
+``params`` that holds it) and merge the results, or name the cells so that
+they differ only in numbers and direction words. Cells of different kinds
+need no order between them: when the kinds disagree position by position
+but each kind has as many cells as the source has layers of it and the
+keys are sorted, cells are matched kind by kind (the source's k-th LSTM
+with the k-th ``LSTMCell``). The same rule orders the cells of a Flax or
+Haiku source.
 """
 
 from __future__ import annotations
@@ -122,37 +127,119 @@ def _cell_kind(entry: Mapping[str, Any]) -> str | None:
 
 
 _NUMBERED = re.compile(r"^(.*?)_(\d+)$")
-_DIRECTIONS = re.compile(r"^(forward|backward)(.*)$")
+# A name's words: runs of digits, and letters split at snake_case and
+# camelCase boundaries ("layer0_forward", "fwd1", "l2_bw", "ForwardLSTM").
+_NAME_TOKENS = re.compile(r"\d+|[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+# Direction words, forward (0) before backward (1), as whole words.
+_DIRECTION_WORDS = {
+  "forward": 0,
+  "fwd": 0,
+  "fw": 0,
+  "backward": 1,
+  "bwd": 1,
+  "bw": 1,
+}
+_SORTED_KEYS = (
+  "have their keys sorted (as jax.tree.map, jit, optax updates and "
+  "checkpoint restores leave them), which loses the order the model "
+  "created its cells in"
+)
 
 
-def _naming_order(paths: Sequence[tuple[str, ...]]) -> list[int]:
+def _name_pattern(path: Sequence[str]) -> tuple[tuple[str, ...], tuple]:
+  """``(skeleton, rank)`` of a module path (its ``/``-separated components).
+
+  The skeleton is the path with every number replaced by ``#`` and every
+  direction word (``forward``/``fwd``/``fw``, ``backward``/``bwd``/``bw``)
+  by ``<direction>``; a Haiku instance suffix (``_1``, ``_2``, ...) is
+  dropped (no suffix is instance 0). Paths with one skeleton are instances
+  of one name, and their rank orders them as they were created: component
+  by component, its numbers, then its instance, then forward before
+  backward.
+  """
+  skeleton, rank = [], []
+  for component in path:
+    numbered = _NUMBERED.match(component)
+    base, instance = (
+      (numbered[1], int(numbered[2])) if numbered else (component, 0)
+    )
+    pieces, numbers, directions, end = [], [], [], 0
+    for token in _NAME_TOKENS.finditer(base):
+      pieces.append(base[end : token.start()])
+      end = token.end()
+      word = token[0]
+      if word.isdigit():
+        numbers.append(int(word))
+        pieces.append("#")
+      elif word.lower() in _DIRECTION_WORDS:
+        directions.append(_DIRECTION_WORDS[word.lower()])
+        pieces.append("<direction>")
+      else:
+        pieces.append(word)
+    pieces.append(base[end:])
+    skeleton.append("".join(pieces))
+    rank.append((*numbers, instance, *directions))
+  return tuple(skeleton), tuple(rank)
+
+
+def _creation_order(
+  paths: Sequence[tuple[str, ...]],
+  kinds: Sequence[str],
+  keys_sorted: bool,
+  context: str,
+  whose: str,
+) -> list[int]:
   """Indices of ``paths`` (tuples of name components) in creation order.
 
-  Paths that differ only in their numbers (``rnn/lstm_cell_2``,
-  ``rnn_1/lstm_cell``) or in a ``forward``/``backward`` prefix are instances
-  of one name: among the places they hold in ``paths`` they are put in
-  numeric order, forward before backward. Every other path keeps its place.
+  Keys that are not in sorted order were never sorted: they are in the
+  order the model created its modules, which is kept. Sorted keys may
+  have been sorted, so the creation order is read from the names (see
+  :func:`_name_pattern`): instances of one name go, among the places they
+  hold, in the order of their ranks. When two cells of one kind are not
+  instances of one name, or rank the same, no name tells which came first:
+  a ``ValueError`` that says how to settle it (``whose`` names the tree:
+  "params" or "the source's variables").
   """
+  if not keys_sorted:
+    return list(range(len(paths)))
+  patterns = [_name_pattern(path) for path in paths]
   groups: dict[tuple[str, ...], list[int]] = collections.defaultdict(list)
-  keys = []
-  for index, path in enumerate(paths):
-    skeleton, key = [], []
-    for component in path:
-      match = _NUMBERED.match(component)
-      base, number = (match[1], int(match[2])) if match else (component, 0)
-      direction = _DIRECTIONS.match(base)
-      if direction:
-        base = "<direction>" + direction[2]
-      skeleton.append(base)
-      key.append((number, bool(direction) and direction[1] == "backward"))
-    groups[tuple(skeleton)].append(index)
-    keys.append(tuple(key))
+  for index, (skeleton, _) in enumerate(patterns):
+    groups[skeleton].append(index)
   order = list(range(len(paths)))
   for members in groups.values():
-    for place, index in zip(
-      members, sorted(members, key=keys.__getitem__), strict=True
-    ):
+    ranked = sorted(members, key=lambda index: patterns[index][1])
+    for place, index in zip(members, ranked, strict=True):
       order[place] = index
+  by_kind: dict[str, list[int]] = collections.defaultdict(list)
+  for index in order:
+    by_kind[kinds[index]].append(index)
+  for kind, members in by_kind.items():
+    for first, second in zip(members[:-1], members[1:], strict=True):
+      (skeleton_a, rank_a), (skeleton_b, rank_b) = (
+        patterns[first],
+        patterns[second],
+      )
+      if skeleton_a == skeleton_b and rank_a != rank_b:
+        continue
+      names = f"'{'/'.join(paths[first])}' and '{'/'.join(paths[second])}'"
+      why = (
+        "read as the same place"
+        if skeleton_a == skeleton_b
+        else "differ in more than numbers and direction words "
+        "(forward/backward, fwd/bwd, fw/bw)"
+      )
+      raise ValueError(
+        f"{context}: the order of cells {names} (both of the kind an "
+        f"hk_rnn.{_CELL_NAMES.get(kind, kind)} takes) "
+        f"cannot be settled from their names: {whose} {_SORTED_KEYS}, and "
+        f"these names {why}. Settle it by passing {whose} as init returned "
+        "them, or by converting one part at a time (pass the sub-dict of "
+        f"{whose} that holds each layer or part, and merge the results), or "
+        "by naming the cells so that they differ only in numbers and "
+        "direction words (layer0_forward, layer0_backward, layer1_forward, "
+        "...)"
+      )
   return order
 
 
@@ -173,7 +260,13 @@ def _cells(params: Params, context: str) -> list[_Cell]:
     for module, entry in params.items()
     if (kind := _cell_kind(entry)) is not None
   ]
-  order = _naming_order([tuple(cell.module.split("/")) for cell in found])
+  order = _creation_order(
+    [tuple(cell.module.split("/")) for cell in found],
+    [cell.kind for cell in found],
+    _is_sorted(params),
+    context,
+    "params",
+  )
   return [found[index] for index in order]
 
 
@@ -349,10 +442,21 @@ def _torch_layers(state: Mapping[str, Any], prefix: str, mode: str | None):
       found[(int(match[2]), bool(match[3]))][match[1]] = value
   if not found:
     sample = ", ".join(list(map(str, state))[:4])
+    prefixes = [
+      key[: -len("weight_ih_l0")]
+      for key in state
+      if isinstance(key, str) and key.endswith("weight_ih_l0")
+    ]
+    hint = (
+      f"; it holds one under prefix={prefixes[0]!r}"
+      + (f" (and {len(prefixes) - 1} more)" if len(prefixes) > 1 else "")
+      if prefixes
+      else ""
+    )
     raise ValueError(
       f"{context}: the state dict holds no weight_ih_l0 under prefix "
       f"{prefix!r} (torch's key prefix, dot included); its keys begin "
-      f"{sample}"
+      f"{sample}{hint}"
     )
   num_layers = max(layer for layer, _ in found) + 1
   bidirectional = any(reverse for _, reverse in found)
@@ -411,6 +515,42 @@ def _torch_layers(state: Mapping[str, Any], prefix: str, mode: str | None):
   return layers
 
 
+def _torch_submodules_hint(torch, model, call, state_dict_call=None) -> str:
+  """Where ``model`` (any torch module) holds its recurrent layers, if any.
+
+  A model that holds an ``nn.LSTM`` (PyTorch's ``word_language_model``
+  keeps it at ``model.rnn``) converts through that submodule; ``call`` and
+  ``state_dict_call`` spell the call for a submodule's attribute path and
+  for a state-dict prefix.
+  """
+  if not isinstance(model, torch.nn.Module):
+    return ""
+  found = [
+    (name, type(child).__name__)
+    for name, child in model.named_modules()
+    if name and isinstance(child, torch.nn.RNNBase)
+  ]
+  if not found:
+    return ""
+
+  def attribute_path(name):
+    parts = name.split(".")
+    if all(part.isidentifier() for part in parts):
+      return "." + name
+    return f".get_submodule({name!r})"
+
+  held = ", ".join(f"an nn.{kind} at '{name}'" for name, kind in found)
+  name = found[0][0]
+  hint = f"; it holds {held}: pass that module, {call(attribute_path(name))}"
+  if state_dict_call is not None:
+    hint += (
+      f", or its state dict under its prefix, {state_dict_call(name + '.')}"
+    )
+  if len(found) > 1:
+    hint += ", one recurrent module at a time"
+  return hint
+
+
 def from_torch(
   source: Any, params: Params, *, prefix: str = ""
 ) -> dict[str, dict[str, Any]]:
@@ -463,6 +603,14 @@ def from_torch(
     raise ValueError(
       f"{context}: source must be a torch.nn.LSTM, GRU or RNN or a state "
       f"dict, got {type(source).__name__}"
+      + _torch_submodules_hint(
+        torch,
+        source,
+        lambda path: f"from_torch(source{path}, params)",
+        lambda prefix: (
+          f"from_torch(source.state_dict(), params, prefix={prefix!r})"
+        ),
+      )
     )
   if getattr(source, "proj_size", 0) > 0:
     raise ValueError(
@@ -500,6 +648,9 @@ def to_torch(params: Params, module: Any) -> Any:
     raise ValueError(
       f"{context}: module must be a torch.nn.LSTM, GRU or RNN, got "
       f"{type(module).__name__}"
+      + _torch_submodules_hint(
+        torch, module, lambda path: f"to_torch(params, module{path})"
+      )
     )
   if getattr(module, "proj_size", 0) > 0:
     raise ValueError(
@@ -602,8 +753,10 @@ def from_flax(variables: Any, params: Params) -> dict[str, dict[str, Any]]:
   Finds every ``LSTMCell``, ``OptimizedLSTMCell`` (the same parameters),
   ``GRUCell``, ``SimpleCell`` and ``MGUCell`` in ``variables``, inside
   ``nn.RNN``, ``nn.Bidirectional`` or any module, in the order Flax created
-  them (by Flax's names: ``RNN_2`` before ``RNN_10``, ``forward_rnn`` before
-  ``backward_rnn``; see this module's docstring for the rule). Flax's
+  them (as Flax's ``init`` returned the variables; sorted variables by
+  Flax's names: ``RNN_2`` before ``RNN_10``, ``forward_rnn`` before
+  ``backward_rnn``, or a ``ValueError`` when the names cannot tell; see this
+  module's docstring for the rule). Flax's
   separate gate kernels are concatenated in hk_rnn's order; each gate's
   bias sits on its input or its hidden side in Flax, and goes to ``b`` (the
   sum) or to ``b_i``/``b_h`` as the cell computes it. Options the parameters
@@ -632,7 +785,13 @@ def from_flax(variables: Any, params: Params) -> dict[str, dict[str, Any]]:
     )
   found: list = []
   _flax_cells(variables, (), found)
-  order = _naming_order([path for path, _, _ in found])
+  order = _creation_order(
+    [path for path, _, _ in found],
+    [kind for _, kind, _ in found],
+    _is_sorted_tree(variables),
+    context,
+    "the source's variables",
+  )
   layers = []
   for index in order:
     path, kind, node = found[index]
@@ -855,7 +1014,13 @@ def from_haiku(hk_params: Params, params: Params) -> dict[str, dict[str, Any]]:
       f"{type(hk_params).__name__}"
     )
   cores = _haiku_cores(hk_params)
-  order = _naming_order([path for path, _, _ in cores])
+  order = _creation_order(
+    [path for path, _, _ in cores],
+    [kind for _, kind, _ in cores],
+    _is_sorted(list(hk_params)),
+    context,
+    "hk_params",
+  )
   layers = []
   for index in order:
     path, kind, entries = cores[index]

@@ -71,8 +71,9 @@ class LinearRecurrentCell(cells.RNNCellBase):
     recurrent_dropout_rate: must be 0: there is no recurrent weight to drop
       into (a ``ValueError`` otherwise).
     scan_method: the form of the whole-sequence recurrence: ``"auto"`` (the
-      rule of ``linear_scan.choose_method`` in ``hk_rnn/_src``: the sequential
-      loop on CPU, the associative scan on accelerators), or one of
+      sequential loop on CPU, the associative scan on GPUs and TPUs; the
+      forms, the rule and its measurements are in the
+      :doc:`parallel cells guide </parallel_cells>`), or one of
       ``"sequential"``, ``"chunked"``, ``"associative"`` to force it. All
       give the same numbers up to rounding.
     name: the module name.
@@ -188,18 +189,12 @@ class LinearRecurrentCell(cells.RNNCellBase):
     from ``hk.next_rng_key()``, when ``dropout_rate`` is non-zero. There is
     never a recurrent mask.
     """
-    dtype = self._compute_dtype(sample_inputs.dtype)
-
-    def sample():
-      return dropout.DropoutMasks(
-        dropout.sample_mask(self.dropout_rate, sample_inputs.shape, dtype),
-        None,
-      )
-
-    if rng is None:
-      return sample()
-    with hk.with_rng(rng):
-      return sample()
+    return dropout.input_masks(
+      self.dropout_rate,
+      sample_inputs,
+      self._compute_dtype(sample_inputs.dtype),
+      rng,
+    )
 
   def _fused_sequence(
     self,
@@ -300,7 +295,7 @@ class MinGRUCell(LinearRecurrentCell):
     One product per block of the weights, rather than splitting one product's
     columns: on XLA:CPU elementwise kernels (the gates' σ above all) over
     column slices of an array run several times slower than over whole
-    arrays (see ``fused.py``).
+    arrays (see :mod:`hk_rnn._src.kernels.gates`).
     """
     width = self._blocks * self.features
     w_i = self._parameter("w_i", (inputs.shape[-1], width), self.w_i_init)

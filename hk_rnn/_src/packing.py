@@ -445,6 +445,30 @@ def unpack_segments(segment_carries: PyTree, packed: PackedSequences) -> PyTree:
   >>> h.shape, bool((h[2] == 0).all())                    # length 0: h_0
   ((4, 5), True)
 
+  **A carry without slots.** Run without ``max_segments`` the RNN returns
+  one carry per row, leaves ``(rows, *carry)``, which must not be read as
+  slots. The shapes alone can look alike (an LSTM's ``(rows, F)`` is a
+  slotted ``(rows, K)`` of scalars when F ≥ the slots), so a leaf is read
+  by rank: every cell carries at least as many axes per row as one input
+  step has feature axes (at least one: ``(F,)`` for the vector cells,
+  ``(H, W, C)`` for a ``ConvLSTMCell`` on ``(H, W, C)`` inputs), so a
+  leaf with slots has at least ``2 +`` that many axes, one more than the
+  same carry without them. Every leaf must also have the same size K on
+  axis 1, as the slots are shared. A leaf that breaks either rule is a
+  ``ValueError`` that names ``max_segments``, whatever its sizes. (A
+  user's cell whose carry has fewer axes than an input step, e.g. a
+  ``CoreCell`` with a scalar state, is refused too; for it, gather the
+  slots yourself: ``jax.tree.map(lambda c: c[packed.rows, packed.slots],
+  segment_carries)``.)
+
+  >>> carry, _ = hk.transform(  # no max_segments: one carry per row
+  ...     lambda x, m: hk_rnn.RNN(hk_rnn.GRUCell(5))(x, m)).apply(
+  ...     params, None, x, mask)
+  >>> hk_rnn.unpack_segments(carry, packed)
+  Traceback (most recent call last):
+  ...
+  ValueError: unpack_segments: segment_carries has no slot axis: ...
+
   Args:
     segment_carries: a pytree with leaves ``(rows, K, ...)``, K at least
       the slots ``packed`` uses (``packed.max_segments`` always is).
@@ -452,19 +476,56 @@ def unpack_segments(segment_carries: PyTree, packed: PackedSequences) -> PyTree:
 
   Returns:
     The same pytree with leaves ``(N, ...)``.
+
+  Raises:
+    ValueError: leaves that are not ``(rows, K, ...)`` with K at least the
+      slots ``packed`` uses, or a carry without slots (see above).
   """
   context = "unpack_segments"
   packed = _check_packed(packed, context)
   needed = int(packed.slots.max()) + 1
-  for leaf in _leaves(segment_carries, context, "segment_carries"):
-    shape = tuple(np.shape(leaf))
+  # Each leaf is (rows, K, *carry) and a cell's carry has at least as many
+  # axes as an input step has feature axes (and at least one).
+  carry_axes = max(1, np.ndim(packed.inputs) - 2)
+  run_with = (
+    f"run the RNN with max_segments=packed.max_segments = {packed.max_segments}"
+  )
+  paths_and_leaves = jax.tree_util.tree_flatten_with_path(segment_carries)[0]
+  _leaves(segment_carries, context, "segment_carries")
+  shapes = {
+    jax.tree_util.keystr(path) or "the carry": tuple(np.shape(leaf))
+    for path, leaf in paths_and_leaves
+  }
+
+  def check_sizes(shape):
     if len(shape) < 2 or shape[0] != packed.num_rows or shape[1] < needed:
       raise ValueError(
         f"{context}: segment_carries leaves must be (rows, K, ...) with rows "
-        f"= {packed.num_rows} and K >= {needed} slots (run the RNN with "
-        f"max_segments=packed.max_segments = {packed.max_segments}), got "
+        f"= {packed.num_rows} and K >= {needed} slots ({run_with}), got "
         f"{shape}"
       )
+
+  for shape in shapes.values():
+    if len(shape) < 1 or shape[0] != packed.num_rows:
+      check_sizes(shape)
+  slot_counts = {shape[1:2] for shape in shapes.values()}
+  flat = [name for name, shape in shapes.items() if len(shape) < 2 + carry_axes]
+  if flat or len(slot_counts) > 1:
+    listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+    why = (
+      f"{flat[0]} has {len(shapes[flat[0]])} axes, fewer than rows, slots "
+      f"and the {carry_axes} carry axes a cell has for these inputs"
+      if flat
+      else "its leaves differ in the size of axis 1, where every leaf "
+      "with slots has the same K"
+    )
+    raise ValueError(
+      f"{context}: segment_carries has no slot axis: {why} (leaves "
+      f"{listed}). That is the carry of an RNN run without max_segments, "
+      f"one per row; {run_with} to get one per segment, (rows, K, ...)"
+    )
+  for shape in shapes.values():
+    check_sizes(shape)
   return jax.tree.map(
     lambda leaf: jnp.asarray(leaf)[packed.rows, packed.slots], segment_carries
   )

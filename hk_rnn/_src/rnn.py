@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import haiku as hk
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
-from hk_rnn._src import dropout, sequences
+from hk_rnn._src import dropout, packing, sequences
+from hk_rnn._src.kernels import dispatch
 
 Array = jax.Array
 Carry = Any
@@ -108,6 +110,8 @@ def scan_cell(
       recurrent_mask=_resolve_mask(recurrent_mask),
       **options,
     )
+    if result is None:
+      dispatch.record_step_scan("the cell has no whole-sequence kernel")
     if result is None or not step_carries:
       return result
     final_carry, outputs, carries = result
@@ -117,6 +121,10 @@ def scan_cell(
   result = None
   if kernel is not None and remat is None:
     result = kernel(inputs, initial_carry, valid, reset)
+  elif not fused:
+    dispatch.record_step_scan("fused=False")
+  elif remat == "step":
+    dispatch.record_step_scan("remat='step'")
   if result is None:
     result = _step_scan(
       cell,
@@ -365,7 +373,9 @@ class RNN(hk.Module):
       dropout_sampling: how the recurrent dropout mask reaches each step:
         ``"once"`` samples it before the scan and closes over it,
         ``"per_step"`` regenerates the same mask inside every step from a
-        fixed key. Same numbers and cost (docs/speed.md).
+        fixed key. Same numbers and cost (measured in the
+        :doc:`speed guide </speed>`, "What remat and dropout sampling
+        cost").
       name: the module name.
     """
     super().__init__(name=name)
@@ -492,22 +502,23 @@ class RNN(hk.Module):
         packed = True
         reset_carry = self.cell.initialize_carry(sample)
     inputs, recurrent_mask = self._dropout(sample, inputs, is_training)
-    final_carry, outputs = scan_cell(
-      self.cell,
-      inputs,
-      initial_carry,
-      ids,
-      packed=packed,
-      reverse=reverse,
-      keep_order=keep_order,
-      recurrent_mask=recurrent_mask,
-      unroll=self.unroll,
-      fused=self.fused,
-      remat=self.remat,
-      reset_carry=reset_carry,
-      continued=continued,
-      max_segments=max_segments,
-    )
+    with dispatch.call_site(self.module_name, self.cell):
+      final_carry, outputs = scan_cell(
+        self.cell,
+        inputs,
+        initial_carry,
+        ids,
+        packed=packed,
+        reverse=reverse,
+        keep_order=keep_order,
+        recurrent_mask=recurrent_mask,
+        unroll=self.unroll,
+        fused=self.fused,
+        remat=self.remat,
+        reset_carry=reset_carry,
+        continued=continued,
+        max_segments=max_segments,
+      )
     outputs = layout.from_scan(outputs)
     if not return_carry:
       return outputs
@@ -572,6 +583,7 @@ class Layout:
 
   @classmethod
   def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
+    _check_one_array(inputs, context)
     shape = np.shape(inputs)
     dtype = _inputs_dtype(inputs, context)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -637,6 +649,44 @@ def _inputs_dtype(inputs: Any, context: str) -> np.dtype:
     ) from None
 
 
+def _check_one_array(inputs: Any, context: str) -> None:
+  """Refuses what is not one array of steps, saying what to pass instead."""
+  if isinstance(inputs, packing.PackedSequences):
+    raise ValueError(
+      f"{context}: inputs is a PackedSequences; pass its arrays, and its "
+      "slot count for one carry per sequence: (packed.inputs, "
+      "packed.segmentation_mask, max_segments=packed.max_segments)"
+    )
+  if isinstance(inputs, (list, tuple)):
+    raise ValueError(
+      f"{context}: inputs must be one array (*batch, time, *features), got "
+      f"a {type(inputs).__name__} of {len(inputs)} items; for sequences of "
+      "different lengths, pad them to one length and pass seq_lengths (or "
+      "a segmentation_mask), or pack them with hk_rnn.pack_sequences and "
+      "pass packed.inputs, packed.segmentation_mask"
+    )
+
+
+class InitialCarryMismatch(ValueError):
+  """An ``initial_carry`` that does not fit; wrappers add their own context."""
+
+
+def describe_carry(carry: Any) -> str:
+  """What a user passed as a carry, for errors: ``a tuple of 2``, ..."""
+  if isinstance(carry, (tuple, list)):
+    return f"a {type(carry).__name__} of {len(carry)}"
+  return f"a single array of shape {tuple(np.shape(carry))}"
+
+
+@contextlib.contextmanager
+def initial_carry_context(context: str, what: str) -> Iterator[None]:
+  """Prefixes an inner module's ``InitialCarryMismatch`` with ``context``."""
+  try:
+    yield
+  except InitialCarryMismatch as error:
+    raise InitialCarryMismatch(f"{context}: {what}: {error}") from None
+
+
 def check_initial_carry(
   cell: cells_lib.RNNCellBase, initial_carry: Carry, layout, context: str
 ) -> Carry:
@@ -654,12 +704,12 @@ def check_initial_carry(
   got = [tuple(np.shape(leaf)) for leaf in leaves]
   want = [tuple(leaf.shape) for leaf in expected_leaves]
   if tree != expected_tree:
-    raise ValueError(
+    raise InitialCarryMismatch(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs: {_structure_mismatch(cell, expected, initial_carry)}"
     )
   if got != want:
-    raise ValueError(
+    raise InitialCarryMismatch(
       f"{context}: initial_carry must match the cell's carry for these "
       f"inputs, shapes {jax.tree.unflatten(expected_tree, want)}; got "
       f"{jax.tree.unflatten(tree, got)}"

@@ -217,27 +217,32 @@ def _ids_from_mask(mask, layout, context, argument="segmentation_mask"):
 def _check_mask_values(
   rows: np.ndarray, context: str, argument: str = "segmentation_mask"
 ) -> None:
-  """Checks concrete ids laid out as ``(*batch, time)``."""
+  """Checks concrete ids laid out as ``(*batch, time)``.
 
-  def fail(problem, where, found):
+  A failure names the first offending row, its first offending steps and
+  how many rows offend, never the whole row (rows run to thousands of
+  steps).
+  """
+  num_rows = int(np.prod(rows.shape[:-1]))
+
+  def fail(problem, offending, found, hint=""):
+    where = np.argwhere(offending)[0]
     row = tuple(int(i) for i in where[:-1])
+    count = int(offending.reshape(num_rows, -1).any(axis=-1).sum())
     raise ValueError(
-      f"{context}: {argument} {problem}; got row {row} = "
-      f"{rows[row].tolist()} ({found})"
+      f"{context}: {argument} {problem}; got row {row}: {found(where)} "
+      f"({count} of {num_rows} rows){hint}"
     )
+
+  def negative(where):
+    return f"id {rows[tuple(where)]} at step {int(where[-1])}"
 
   if (rows < 0).any():
-    where = np.argwhere(rows < 0)[0]
-    step = int(where[-1])
-    fail(
-      "ids must be non-negative",
-      where,
-      f"id {rows[tuple(where)]} at step {step}",
-    )
+    fail("ids must be non-negative", rows < 0, negative)
   valid = rows != 0
   resumed = valid[..., 1:] & ~valid[..., :-1]
-  if resumed.any():
-    where = np.argwhere(resumed)[0]
+
+  def padding_then_id(where):
     step = int(where[-1]) + 1
     row = rows[tuple(where[:-1])]
     # The padding run that this id follows, from its first step.
@@ -247,22 +252,33 @@ def _check_mask_values(
     padding = (
       f"step {first}" if first == step - 1 else f"steps {first} to {step - 1}"
     )
+    return f"padding at {padding}, then id {row[step]} at step {step}"
+
+  if resumed.any():
     fail(
       "padding (0) must only sit at the end of a row",
-      where,
-      f"padding at {padding}, then id {row[step]} at step {step}",
+      resumed,
+      padding_then_id,
+      "; padding belongs after each row's steps: pad at the end (Keras' "
+      "pad_sequences pads in front by default: pass padding='post'), or "
+      "move each row's tokens to the front",
     )
   decreased = valid[..., 1:] & (rows[..., 1:] < rows[..., :-1])
-  if decreased.any():
-    where = np.argwhere(decreased)[0]
+
+  def id_then_smaller(where):
     step = int(where[-1]) + 1
     row = rows[tuple(where[:-1])]
+    return (
+      f"id {row[step - 1]} at step {step - 1}, then id {row[step]} at step "
+      f"{step}"
+    )
+
+  if decreased.any():
     fail(
       "segment ids must not decrease along a row (each segment "
       "contiguous, ids non-decreasing)",
-      where,
-      f"id {row[step - 1]} at step {step - 1}, then id {row[step]} at step "
-      f"{step}",
+      decreased,
+      id_then_smaller,
     )
 
 

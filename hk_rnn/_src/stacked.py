@@ -129,12 +129,20 @@ class StackedRNN(hk.Module):
       ``(carries, outputs)`` with one carry per layer, or ``outputs`` alone
       without ``return_carry``.
     """
+    count = len(self.layers)
+    per_layer = (
+      f"initial_carry takes one entry per layer ({count} "
+      f"layer{'s' if count != 1 else ''}: None for a layer's own, a "
+      "(forward, backward) pair for a Bidirectional layer)"
+    )
     if initial_carry is None:
       initial_carry = (None,) * len(self.layers)
-    elif len(initial_carry) != len(self.layers):
-      raise ValueError(
-        f"StackedRNN: initial_carry must hold one entry per layer, "
-        f"{len(self.layers)}; got {len(initial_carry)}"
+    elif not isinstance(initial_carry, (tuple, list)) or len(
+      initial_carry
+    ) != len(self.layers):
+      raise rnn_lib.InitialCarryMismatch(
+        f"StackedRNN: {per_layer}, a tuple or list of {len(self.layers)}; "
+        f"got {rnn_lib.describe_carry(initial_carry)}"
       )
     max_segments = sequences.check_max_segments(max_segments, "StackedRNN")
     if initial_segment_ids is not None:
@@ -189,17 +197,21 @@ class StackedRNN(hk.Module):
       options = {}
       if initial_segment_ids is not None:
         options["initial_segment_ids"] = initial_segment_ids
-      carry, layer_outputs = layer(
-        layer_inputs,
-        segmentation_mask,
-        seq_lengths=seq_lengths,
-        initial_carry=carry,
-        return_carry=True,
-        time_major=time_major,
-        is_training=is_training,
-        max_segments=max_segments,
-        **options,
-      )
+      with rnn_lib.initial_carry_context(
+        "StackedRNN",
+        f"{per_layer}; initial_carry[{index}] does not fit layers[{index}]",
+      ):
+        carry, layer_outputs = layer(
+          layer_inputs,
+          segmentation_mask,
+          seq_lengths=seq_lengths,
+          initial_carry=carry,
+          return_carry=True,
+          time_major=time_major,
+          is_training=is_training,
+          max_segments=max_segments,
+          **options,
+        )
       if self.residual:
         if layer_outputs.shape != outputs.shape:
           raise ValueError(

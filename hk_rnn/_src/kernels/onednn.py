@@ -1,17 +1,16 @@
-r"""oneDNN's fused LSTM and GRU on CPU, through an optional compiled extension.
+r"""The compiled CPU backend: oneDNN's LSTM and GRU, as an optional extension.
 
-:func:`hk_rnn._src.fused.lstm_sequence` and
-:func:`~hk_rnn._src.fused.gru_sequence` hand a sequence to oneDNN's RNN
-primitives (those PyTorch's ``nn.LSTM`` and ``nn.GRU`` run on CPU) when the
-extension ``_onednn_lstm`` is built next to this file, the default backend
-is the CPU, and the call is one oneDNN computes exactly:
+The dispatch (:mod:`hk_rnn._src.kernels.dispatch`) hands a sequence to
+oneDNN's RNN primitives (those PyTorch's ``nn.LSTM`` and ``nn.GRU`` run on
+CPU) when the extension ``_onednn_lstm`` is built next to this file, the
+default backend is the CPU, and the call is one oneDNN computes exactly
+(:func:`refusal` says why not otherwise):
 
-* every step valid and no packed rows (``valid`` and ``reset`` None), no
-  recurrent dropout mask;
+* every step valid and no packed rows, no recurrent dropout mask, no
+  per-step carries;
 * float32 inputs, weights, biases and initial carry.
 
-Anything else runs the fused JAX kernels, with the same numbers. For the
-LSTM (gate blocks i, f, g, o) the primitive computes, at each step,
+For the LSTM (gate blocks i, f, g, o) the primitive computes, at each step,
 
 .. math::
 
@@ -23,34 +22,28 @@ and for the GRU oneDNN's linear-before-reset GRU, hk_rnn's (and PyTorch's)
 convention (see :func:`gru`).
 
 Without differentiation, oneDNN's inference primitive runs the sequence.
-Under differentiation the default is the fused JAX kernels' forward and
-backward passes, which measured faster than oneDNN 3.2's backward primitive
-on the project's machine; ``HK_RNN_ONEDNN_TRAINING=1`` (or
-``set_enabled(training=True)``) runs oneDNN's training forward pass, with its
+Under differentiation the default is the XLA kernels' forward and backward
+passes, which measured faster than oneDNN 3.2's backward primitive;
+``HK_RNN_ONEDNN_TRAINING=1`` runs oneDNN's training forward pass, with its
 workspace, and its backward primitive instead. ``jax.vmap`` runs the oneDNN
 calls one batch element after another (``vmap_method="sequential"``).
-Second derivatives work on the default path (the fused kernels' VJP is
+Second derivatives work on the default path (the XLA kernels' VJP is
 differentiable), not through oneDNN's backward primitive.
 
-The switch: the environment variable ``HK_RNN_ONEDNN`` (``0``: never,
-``1``: always where supported, raising if the extension cannot be loaded;
-unset or ``auto``: when it loads), or :func:`set_enabled` from Python, which
-takes precedence. Both are read when a function is traced: functions
-``jax.jit`` has already compiled keep the path they were traced with.
-
-oneDNN's OpenMP threads, like PyTorch's, slow down many times over when
-other processes keep the cores busy; on a shared machine, ``HK_RNN_ONEDNN=0``
-or ``HK_RNN_ONEDNN_THREADS=1`` (at most that many OpenMP threads in each
-oneDNN call, read when tracing; 0, the default, leaves OpenMP's number)
-(see docs/performance.md).
+``auto`` mode does not choose this backend: oneDNN's OpenMP team fights
+XLA's own thread pool for the cores as soon as any other XLA operation runs
+in the same program, which made realistic models slower than the XLA
+kernels (docs/performance.md). ``HK_RNN_KERNELS=compiled`` uses it wherever
+it computes the call; ``HK_RNN_ONEDNN_THREADS=N`` caps its OpenMP threads
+per call (read when tracing; 0, the default, leaves OpenMP's number).
 
 Building the extension needs a C++17 compiler and the pip packages
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` (``pip install
 -e ".[onednn]"``, then ``python setup.py build_ext --inplace``). Without it
-this module logs one line, once, and the kernels run in JAX.
+this module logs one line, once, and the XLA kernels run.
 
 >>> import jax.numpy as jnp
->>> from hk_rnn._src import onednn
+>>> from hk_rnn._src.kernels import onednn
 >>> x = jnp.ones((5, 2, 3))
 >>> w_i, w_h, b = jnp.ones((3, 16)), jnp.ones((4, 16)), jnp.zeros(16)
 >>> carry = (jnp.zeros((2, 4)), jnp.zeros((2, 4)))
@@ -79,7 +72,6 @@ from absl import logging
 
 Array = jax.Array
 
-ENVIRONMENT_VARIABLE = "HK_RNN_ONEDNN"
 TRAINING_VARIABLE = "HK_RNN_ONEDNN_TRAINING"
 THREADS_VARIABLE = "HK_RNN_ONEDNN_THREADS"
 _LIBRARY_STEM = "_onednn_lstm"
@@ -91,7 +83,6 @@ _TARGETS = {
 _KINDS = {"lstm": 0, "gru": 1}
 
 _lock = threading.Lock()
-_override: bool | None = None
 _training_override: bool | None = None
 # The loaded library, or the reason it could not be loaded (a string);
 # None before the first attempt.
@@ -99,29 +90,19 @@ _library: ctypes.CDLL | str | None = None
 _workspace_bytes: dict[tuple[str, int, int, int, int], int] = {}
 
 
-def set_enabled(
-  enabled: bool | None = None, *, training: bool | None = None
-) -> None:
-  """Sets the switch from Python; None: back to the environment variables.
+def set_training(training: bool | None) -> None:
+  """Whether differentiated calls run oneDNN's training primitives.
 
-  Applies to functions traced afterwards, and takes precedence over
-  ``HK_RNN_ONEDNN`` and ``HK_RNN_ONEDNN_TRAINING`` (see the module
-  docstring).
-
-  Args:
-    enabled: True: always where supported (raising if the extension cannot
-      be loaded); False: never; None: ``HK_RNN_ONEDNN``.
-    training: True: differentiated calls run oneDNN's training primitives;
-      False: they run the fused JAX kernels' VJP; None:
-      ``HK_RNN_ONEDNN_TRAINING``.
+  True: they do; False: the XLA kernels' VJP runs; None: back to
+  ``HK_RNN_ONEDNN_TRAINING``. Read when a function is traced.
   """
-  global _override, _training_override
-  for name, value in (("enabled", enabled), ("training", training)):
-    if not any(value is allowed for allowed in (True, False, None)):
-      raise ValueError(
-        f"onednn.set_enabled: {name} must be True, False or None, got {value!r}"
-      )
-  _override, _training_override = enabled, training
+  global _training_override
+  if not any(training is allowed for allowed in (True, False, None)):
+    raise ValueError(
+      f"onednn.set_training: training must be True, False or None, got "
+      f"{training!r}"
+    )
+  _training_override = training
 
 
 def _flag(variable: str, default: str) -> str:
@@ -134,13 +115,6 @@ def _flag(variable: str, default: str) -> str:
   if value in ("", "auto"):
     return "auto"
   raise ValueError(f"{variable} must be 0, 1 or auto, got {value!r}")
-
-
-def _mode() -> str:
-  """``"on"``, ``"off"`` or ``"auto"``."""
-  if _override is not None:
-    return "on" if _override else "off"
-  return _flag(ENVIRONMENT_VARIABLE, "auto")
 
 
 def trains_with_onednn() -> bool:
@@ -219,8 +193,8 @@ def _load_once() -> ctypes.CDLL | str:
         _library = f"{type(error).__name__}: {error}"
         log = logging.info if library_path() is None else logging.warning
         log(
-          "hk_rnn: the oneDNN extension is unavailable, using the fused JAX "
-          "kernels (%s)",
+          "hk_rnn: the compiled CPU kernels (oneDNN) are unavailable, using "
+          "the XLA kernels (%s)",
           _library,
         )
     return _library
@@ -229,14 +203,7 @@ def _load_once() -> ctypes.CDLL | str:
 def _get_library() -> ctypes.CDLL | None:
   """The library, or None; in ``"on"`` mode a failure raises instead."""
   library = _load_once()
-  if isinstance(library, str):
-    if _mode() == "on":
-      raise RuntimeError(
-        f"{ENVIRONMENT_VARIABLE}=1 (or onednn.set_enabled(True)) but the "
-        f"oneDNN extension cannot be used: {library}"
-      )
-    return None
-  return library
+  return None if isinstance(library, str) else library
 
 
 def available() -> bool:
@@ -258,7 +225,7 @@ def _prepare(key: tuple[str, int, int, int, int]) -> int | None:
   if size < 0:
     logging.warning(
       "hk_rnn: oneDNN cannot build a %s of (T, B, D, F) = %s, using the "
-      "fused JAX kernels (%s)",
+      "XLA kernels (%s)",
       cell,
       tuple(shape),
       error.value.decode(),
@@ -270,7 +237,7 @@ def _prepare(key: tuple[str, int, int, int, int]) -> int | None:
 
 
 def _supports(cell, inputs, w_h, arrays) -> bool:
-  if _mode() == "off" or jax.default_backend() != "cpu":
+  if jax.default_backend() != "cpu":
     return False
   if any(jnp.dtype(a.dtype) != jnp.float32 for a in (inputs, w_h, *arrays)):
     return False
@@ -288,9 +255,9 @@ def supports(
   b: Array,
   initial_carry: tuple[Array, Array],
 ) -> bool:
-  """Whether :func:`lstm` will run this call (after the switch).
+  """Whether :func:`lstm` can run this call.
 
-  Checks the switch, the default backend, the dtypes (all float32) and
+  Checks the default backend, the dtypes (all float32) and
   that oneDNN builds the primitive for these shapes. Masks, resets and
   dropout are the caller's to exclude.
 
@@ -472,7 +439,7 @@ def lstm(
 
   Returns:
     ``((c, h), outputs)``: the final carry and the ``(T, B, F)`` outputs, as
-    :func:`hk_rnn._src.fused.lstm_sequence`.
+    :func:`hk_rnn._src.kernels.dispatch.lstm_sequence`.
   """
   return _dispatch(
     _lstm, fused_kernel, inputs, w_i, w_h, b, tuple(initial_carry)
@@ -491,7 +458,7 @@ def gru(
 ) -> tuple[Array, Array]:
   r"""An unmasked float32 GRU sequence through oneDNN's linear-before-reset GRU.
 
-  hk_rnn's GRU (gate blocks r, z, n; :func:`hk_rnn._src.fused.gru_sequence`)
+  hk_rnn's GRU (gate blocks r, z, n; :func:`hk_rnn._src.kernels.dispatch.gru_sequence`)
   is oneDNN's ``lbr_gru`` with blocks u = z, r, c~ = n and the four biases
   ``[b_iz + b_hz, b_ir + b_hr, b_in, b_hn]``: the weights' first two
   blocks swap places on the way in (their gradients on the way back).
@@ -507,8 +474,43 @@ def gru(
     fused_kernel: as for :func:`lstm`.
 
   Returns:
-    ``(h, outputs)``, as :func:`hk_rnn._src.fused.gru_sequence`.
+    ``(h, outputs)``, as :func:`hk_rnn._src.kernels.dispatch.gru_sequence`.
   """
   return _dispatch(
     _gru, fused_kernel, inputs, w_i, w_h, b_i, b_h, initial_carry
   )
+
+
+def refusal(
+  kind, inputs, w_h, arrays, *, valid, reset, recurrent_mask, step_carries
+) -> str | None:
+  """Why this backend cannot compute exactly this call; None if it can.
+
+  Args:
+    kind: ``"lstm"`` or ``"gru"`` (other cells: always refused).
+    inputs: ``(T, B, D)``.
+    w_h: ``(F, G*F)``.
+    arrays: the other weights, the biases and the initial carry.
+    valid: the padding mask, or None.
+    reset: the packed rows' reset mask, or None.
+    recurrent_mask: the recurrent dropout mask, or None.
+    step_carries: whether per-step carries are asked for.
+  """
+  if kind not in _KINDS:
+    return f"no {kind} kernel"
+  for present, what in (
+    (valid is not None, "padding"),
+    (reset is not None, "packed rows"),
+    (recurrent_mask is not None, "recurrent dropout"),
+    (step_carries, "per-step carries (max_segments)"),
+  ):
+    if present:
+      return what
+  library = _load_once()
+  if isinstance(library, str):
+    return "not built" if library_path() is None else f"broken: {library}"
+  if jax.default_backend() != "cpu":
+    return "not on CPU"
+  if not _supports(kind, inputs, w_h, arrays):
+    return "not float32, empty, or shapes oneDNN cannot build"
+  return None
