@@ -1047,7 +1047,9 @@ class PackingFuzzTest(FuzzCase):
       100 * np.arange(packed.num_rows)[:, None]
       + np.arange(packed.max_segments)[None, :],
       jnp.float32,
-    )[..., None]
+    )
+    # A cell's carry has at least the feature axes of a step (one at least).
+    carries = carries.reshape(carries.shape + (1,) * max(1, len(features)))
     if fault == "wrong_packed":
       packed = [packed.inputs, mask, object()][int(rng.integers(0, 3))]
     elif fault == "outputs_shape":
@@ -1104,7 +1106,7 @@ class PackingFuzzTest(FuzzCase):
         )
         self.assertFalse(np.asarray(unpacked[i, lengths[i] :]).any(), case)
     np.testing.assert_array_equal(
-      np.asarray(per_sequence)[:, 0],
+      np.asarray(per_sequence).reshape(len(sequences), -1)[:, 0],
       100 * packed.rows + packed.slots,
       err_msg=str(case),
     )
