@@ -20,10 +20,9 @@ previous chunk's final carry (one jitted call per chunk, the carry passed as
   median.
 
 Inputs are drawn per chunk from a generator seeded by the chunk's index, so a
-run is reproducible. The oracle costs far more than the stream; it is what
-makes a million steps take minutes.
+run is reproducible. The oracle costs more than the stream itself.
 
-The full soak (about 10 to 20 minutes on an idle 2-core machine)::
+The full soak (40 s on a busy 2-core machine; latency wants an idle one)::
 
     python -m benchmarks.soak --steps=1000000 --out=benchmarks/results/soak.json
 
