@@ -7,7 +7,16 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from benchmarks import griffin, linear, method, options, packing, run, xlstm
+from benchmarks import (
+  griffin,
+  linear,
+  method,
+  options,
+  packing,
+  run,
+  soak,
+  xlstm,
+)
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
@@ -26,6 +35,20 @@ class BenchmarkHarnessTest(absltest.TestCase):
       with open(os.path.join(out, "xlstm.md")) as file:
         self.assertIn("- slstm_fused / lstm_fused = ", file.read())
       self.assertTrue(os.path.exists(os.path.join(out, "xlstm.json")))
+
+  def test_tiny_soak_streams_without_recompiling_and_matches_float64(self):
+    with tempfile.TemporaryDirectory() as out:
+      path = os.path.join(out, "soak.json")
+      results = soak.main(
+        ["--steps=600", "--chunk=100", "--warmup=2", f"--out={path}"]
+      )
+      self.assertTrue(os.path.exists(path))
+    self.assertEqual([r["cell"] for r in results], ["lstm", "min_gru"])
+    for result in results:
+      self.assertEqual(result["steps"], 600)
+      # Memory and latency at this size are noise; these two are not.
+      self.assertTrue(result["checks"]["compiled_once"], result)
+      self.assertTrue(result["checks"]["matches_float64_oracle"], result)
 
   def test_tiny_run_writes_table_json_and_chart(self):
     with tempfile.TemporaryDirectory() as out:

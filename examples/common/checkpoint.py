@@ -27,8 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 _FILE_LIST = "hk_rnn_files.json"
 _DAMAGED = "damaged"
@@ -62,6 +64,21 @@ def _finite_leaves(tree: Any) -> list[jax.Array]:
     else jnp.array(True)
     for leaf in jax.tree.leaves(tree)
   ]
+
+
+def _agreed_problem(problem: str | None) -> str | None:
+  """Whether a checkpoint is damaged, as every process of the run sees it.
+
+  Each process reads its own part of a checkpoint; when one of them fails,
+  all must skip the checkpoint together, or their collectives would pair up
+  different steps.
+  """
+  if jax.process_count() == 1:
+    return problem
+  failed = multihost_utils.process_allgather(np.int32(problem is not None))
+  if problem is None and failed.any():
+    problem = f"unreadable on process {int(np.argmax(failed))} (see its log)"
+  return problem
 
 
 def _files_of(step_dir: str) -> dict[str, int]:
@@ -167,13 +184,19 @@ class Checkpointer:
         )
 
   def _restore(self, step: int, abstract: Any) -> Any:
-    self._check_files(step)
+    problem = None
     try:
+      self._check_files(step)
       state = self._manager.restore(
         step, args=ocp.args.StandardRestore(abstract)
       )
+    except _Damaged as e:
+      problem = str(e)
     except Exception as e:  # orbax and TensorStore raise many kinds
-      raise _Damaged(_summarise(e, self.step_dir(step))) from None
+      problem = _summarise(e, self.step_dir(step))
+    problem = _agreed_problem(problem)
+    if problem:
+      raise _Damaged(problem)
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(state)]
     for path, finite in zip(paths, _finite_leaves(state), strict=True):
       if not finite:

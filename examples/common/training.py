@@ -246,8 +246,13 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
-def _prepare_output_dir(output_dir: str, resume: bool) -> None:
-  """Creates the run folder; checks or records the run's configuration."""
+def _prepare_output_dir(output_dir: str, resume: bool) -> str | None:
+  """Creates the run folder; checks or records the run's configuration.
+
+  Returns:
+    None when the folder is ready, else the one line saying why not (for
+    every process of the run to stop on).
+  """
   try:
     os.makedirs(output_dir, exist_ok=True)
     probe = os.path.join(output_dir, ".hk_rnn_write_test")
@@ -255,7 +260,7 @@ def _prepare_output_dir(output_dir: str, resume: bool) -> None:
       pass
     os.remove(probe)
   except OSError as e:
-    _fail(
+    return (
       f"--output_dir={FLAGS.output_dir}: cannot write there "
       f"({e.strerror or e}: {e.filename or output_dir})."
     )
@@ -266,7 +271,7 @@ def _prepare_output_dir(output_dir: str, resume: bool) -> None:
       saved = json.load(f)
     changed = sorted(k for k in config if saved.get(k) != config[k])
     if changed:
-      raise app.UsageError(
+      return (
         "--resume continues a run with the same settings, but these flags "
         "differ from the checkpointed run: "
         + ", ".join(
@@ -280,6 +285,7 @@ def _prepare_output_dir(output_dir: str, resume: bool) -> None:
       shutil.rmtree(stale)
   with open(config_path, "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
+  return None
 
 
 def _restore(checkpointer: checkpoint.Checkpointer, state: dict) -> dict:
@@ -353,10 +359,18 @@ class _StopRequests:
       return self.signal_name is not None
     if not at_sync_point:
       return False
-    flags_ = multihost_utils.process_allgather(
-      np.int32(self.signal_name is not None)
+    received = multihost_utils.process_allgather(
+      np.int32(signal.Signals[self.signal_name] if self.signal_name else 0)
     )
-    return bool(np.max(flags_))
+    senders = np.flatnonzero(received)
+    if not senders.size:
+      return False
+    # Every process reports the same signal and receiver, whichever got it.
+    first = int(senders[0])
+    self.signal_name = (
+      f"{signal.Signals(int(received[first])).name} to process {first}"
+    )
+    return True
 
 
 def _first_non_finite(values: list[dict]) -> int | None:
@@ -370,6 +384,22 @@ def _first_non_finite(values: list[dict]) -> int | None:
   return None
 
 
+def _newest_checkpoint_note(directory: str) -> Callable[[], str]:
+  """For the "process N is gone" line: where `--resume` would continue."""
+
+  def note():
+    # Orbax names a step's folder by its number only once it is complete.
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
+    where = f"step {max(steps)}" if steps else "the start (none saved yet)"
+    return (
+      "Restart every process with --resume to continue from the newest "
+      f"complete checkpoint, {where}."
+    )
+
+  return note
+
+
+@parallel.stop_when_a_process_is_gone()
 def train(
   *,
   name: str,
@@ -390,7 +420,14 @@ def train(
     the newest one is the last good state.
   - SIGTERM or SIGINT (Ctrl-C): the current step finishes, a checkpoint is
     saved, and the process exits with `EXIT_PREEMPTED` (75); `--resume`
-    continues exactly. A second signal stops at once.
+    continues exactly. A second signal stops at once. In a run of several
+    processes, a signal to any one of them stops all of them after the same
+    step (the next one whose losses are read back, see `--log_every`); each
+    saves its part of that step's checkpoint and exits with 75.
+  - A process of a multi-process run that dies (SIGKILL, a crash, a lost
+    host): the others say which in one line ("process 1 is gone") and exit
+    with status 1; the newest complete checkpoint is where `--resume` on
+    every process continues.
   - An `--output_dir` that cannot be written ends the run with exit status 1.
 
   Args:
@@ -409,13 +446,19 @@ def train(
   output_dir = user_path(FLAGS.output_dir)
   num_steps = FLAGS.num_steps
   main = parallel.is_main_process()
-  if main:
-    _prepare_output_dir(output_dir, FLAGS.resume)
-  # No process may open the checkpoints before process 0 has cleared them.
-  multihost_utils.sync_global_devices("hk_rnn examples: output_dir ready")
+  problem = _prepare_output_dir(output_dir, FLAGS.resume) if main else None
+  # No process may open the checkpoints before process 0 has cleared them,
+  # and when it could not, every process stops.
+  if jax.process_count() > 1:
+    failed = multihost_utils.process_allgather(np.int32(problem is not None))
+    if failed[0] and not main:
+      problem = "process 0 could not prepare --output_dir (see its log)."
+  if problem:
+    _fail(problem)
   checkpointer = checkpoint.Checkpointer(
     os.path.join(output_dir, "checkpoints"), main=main
   )
+  parallel.set_restart_note(_newest_checkpoint_note(checkpointer.directory))
   if FLAGS.resume:
     state = _restore(checkpointer, state)
   start = int(state["step"])

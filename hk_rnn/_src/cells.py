@@ -8,6 +8,7 @@ scans any cell over a sequence.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -582,7 +583,7 @@ class ConvLSTMCell(_GatedCell):
   def _conv(self, x: Array, w: Array) -> Array:
     spatial = _CONV_DIMENSIONS[len(self.kernel_shape)]
     lead = x.shape[: x.ndim - self.num_feature_axes]
-    flat = x.reshape((-1, *x.shape[len(lead) :]))
+    flat = x.reshape((math.prod(lead), *x.shape[len(lead) :]))
     y = jax.lax.conv_general_dilated(
       flat,
       w,

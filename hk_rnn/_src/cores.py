@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
+from hk_rnn._src import sequences
 
 Array = jax.Array
 
@@ -94,6 +95,7 @@ class CoreCell(cells_lib.RNNCellBase):
     return self._num_feature_axes
 
   def _batch_shape(self, inputs: Array, argument: str) -> tuple[int, ...]:
+    inputs = sequences.as_array(inputs, "CoreCell", argument)
     if np.ndim(inputs) < self._num_feature_axes:
       raise ValueError(
         f"CoreCell: {argument} must have at least {self._num_feature_axes} "
@@ -127,6 +129,7 @@ class CoreCell(cells_lib.RNNCellBase):
 
   def __call__(self, carry: Any, inputs: Array) -> tuple[Any, Any]:
     """One step: ``inputs (*batch, *features)``, returns ``(state, outputs)``."""
+    inputs = sequences.as_array(inputs, "CoreCell", "inputs")
     batch_shape = self._batch_shape(inputs, "inputs")
     size = math.prod(batch_shape)
     rank = len(batch_shape)
@@ -198,24 +201,62 @@ class CellCore(hk.RNNCore):
         )
       input_shape = (1,)  # A dense cell's carry does not depend on it.
     else:
-      input_shape = tuple(input_shape)
+      given = input_shape
+      input_shape = tuple(given) if isinstance(given, Sequence) else (given,)
       if len(input_shape) != axes or not all(
         isinstance(size, (int, np.integer)) and size > 0 for size in input_shape
       ):
         raise ValueError(
           f"CellCore: input_shape must hold {axes} positive sizes for "
-          f"{type(cell).__name__}, got {input_shape}"
+          f"{type(cell).__name__}, got {sequences.abbreviate(given)}"
         )
     self.cell = cell
     self.input_shape = tuple(int(size) for size in input_shape)
 
   def __call__(self, inputs: Array, prev_state: Any) -> tuple[Any, Any]:
     """One step: returns ``(outputs, next_state)``, Haiku's order."""
+    inputs = sequences.as_array(inputs, "CellCore", "inputs")
+    if inputs.ndim < self.cell.num_feature_axes:
+      raise ValueError(
+        f"CellCore: inputs must have {self.cell.num_feature_axes} feature "
+        f"axes for {type(self.cell).__name__}, got shape {inputs.shape}"
+      )
+    self._check_state(prev_state, inputs)
     state, outputs = self.cell(prev_state, inputs)
     return outputs, state
 
+  def _check_state(self, prev_state: Any, inputs: Array) -> None:
+    """Refuses a state that is not the cell's carry for ``inputs``.
+
+    (Under ``hk.dynamic_unroll`` a mismatch would surface as a scan error
+    about carry types, naming nothing the caller passed.)
+    """
+    sample = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+    # A throwaway key: only shapes are computed.
+    expected = hk.eval_shape(
+      lambda s: self.cell.initialize_carry(s, rng=jax.random.PRNGKey(0)),
+      sample,
+    )
+    shapes = jax.tree.map(lambda leaf: tuple(np.shape(leaf)), prev_state)
+    wanted = jax.tree.map(lambda leaf: tuple(leaf.shape), expected)
+    if shapes != wanted:
+      raise ValueError(
+        f"CellCore: prev_state must be the cell's carry for inputs of shape "
+        f"{tuple(inputs.shape)} (initial_state(batch_size) with the inputs' "
+        f"batch size), shapes {wanted}; got {shapes}"
+      )
+
   def initial_state(self, batch_size: int | None) -> Any:
     """The cell's initial carry for ``batch_size`` rows (none when None)."""
+    if batch_size is not None and (
+      isinstance(batch_size, (bool, np.bool_))
+      or not isinstance(batch_size, (int, np.integer))
+      or batch_size < 0
+    ):
+      raise ValueError(
+        "CellCore: initial_state's batch_size must be an int >= 0 or None, "
+        f"got {sequences.abbreviate(batch_size)}"
+      )
     batch = () if batch_size is None else (int(batch_size),)
     dtype = getattr(self.cell, "dtype", None) or jnp.float32
     sample = jnp.zeros((*batch, *self.input_shape), dtype)

@@ -279,6 +279,16 @@ def _kind_counts(kinds: Sequence[str]) -> str:
   return ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
 
 
+# The argument each converter reads its layers from, for its errors.
+_SOURCE_ARGUMENT = {
+  "from_torch": "source",
+  "to_torch": "module",
+  "from_flax": "variables",
+  "from_keras": "layer",
+  "from_haiku": "hk_params",
+}
+
+
 def _match(
   layers: Sequence[_Layer],
   cells: Sequence[_Cell],
@@ -288,7 +298,10 @@ def _match(
 ) -> list[tuple[_Layer, _Cell]]:
   """Pairs source layers with cells; any mismatch is a ValueError."""
   if not layers:
-    raise ValueError(f"{context}: the source holds no recurrent layer")
+    raise ValueError(
+      f"{context}: the source holds no recurrent layer (nothing in "
+      f"{_SOURCE_ARGUMENT.get(context, 'it')} is one)"
+    )
   if len(layers) != len(cells):
     if len(cells) < len(layers):
       missing = layers[len(cells)]

@@ -527,7 +527,8 @@ class RNN(hk.Module):
     inputs = layout.to_scan(inputs)
     if ids is not None:
       ids = layout.to_scan(ids, features=False)
-    sample = inputs[0]
+    # One step's shape and dtype (not inputs[0]: the time axis may be empty).
+    sample = jnp.zeros(inputs.shape[1:], inputs.dtype)
     if initial_carry is None:
       initial_carry = self.cell.initialize_carry(sample)
     else:
@@ -632,7 +633,7 @@ class Layout:
   def of(cls, inputs, num_feature_axes, time_major, context) -> Layout:
     _check_one_array(inputs, context)
     shape = np.shape(inputs)
-    dtype = jnp.result_type(inputs)
+    dtype = _inputs_dtype(inputs, context)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
         f"{context}: inputs must be floating point, got dtype {dtype} of "
@@ -682,6 +683,18 @@ class Layout:
     return jax.tree.map(
       lambda leaf: leaf.reshape((*self.batch_shape, *leaf.shape[1:])), carry
     )
+
+
+def _inputs_dtype(inputs: Any, context: str) -> np.dtype:
+  """The dtype of ``inputs``, or a TypeError when they are not numbers."""
+  try:
+    return jnp.result_type(inputs)
+  except TypeError:
+    raise TypeError(
+      f"{context}: inputs must be an array of numbers (*batch, time, "
+      f"*features), got {type(inputs).__name__} "
+      f"{sequences.abbreviate(inputs)}"
+    ) from None
 
 
 def _check_one_array(inputs: Any, context: str) -> None:

@@ -11,8 +11,9 @@ the id of the sequence (segment) a step belongs to::
 
 Padding only ever sits at the end of a row, ids never decrease along a row
 and each segment is contiguous. These invariants are checked whenever the
-mask or lengths are concrete (outside ``jit``); traced values cannot be
-inspected, so under ``jit`` they are the caller's promise.
+mask or lengths are concrete (outside ``jit``, and held whole by this
+process); traced values and global arrays spread over several processes
+cannot be inspected here, so for them they are the caller's promise.
 """
 
 from __future__ import annotations
@@ -29,8 +30,17 @@ PyTree = Any
 
 
 def is_concrete(value: Any) -> bool:
-  """Whether ``value``'s contents can be read now (not a tracer)."""
-  return not isinstance(value, jax.core.Tracer)
+  """Whether ``value``'s contents can be read on this host now.
+
+  Not for a tracer (under ``jit``, ``vmap``, ``grad``), nor for a global
+  ``jax.Array`` of a multi-process run whose shards sit partly on other
+  processes' devices: fetching it would fail, and checking only the local
+  shards would let one process raise while the others wait for it in a
+  collective. Both are checked as traced values are: shapes and dtypes only.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return not isinstance(value, jax.Array) or value.is_fully_addressable
 
 
 def _describe(shape: Sequence[int]) -> str:
@@ -125,9 +135,33 @@ class _InputsLayout:
     )
 
 
+def as_array(value: Any, context: str, argument: str) -> Any:
+  """``value`` as a jax array (tracers as they are), or a TypeError.
+
+  The error names ``argument`` when ``value`` is no array of numbers (a
+  string, None, a dict, a ragged list), where ``jnp.asarray`` would name
+  nothing the caller passed.
+  """
+  if not is_concrete(value) or isinstance(value, jax.Array):
+    return value
+  try:
+    return jnp.asarray(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"{context}: {argument} must be an array of numbers, got "
+      f"{type(value).__name__} {abbreviate(value)}"
+    ) from None
+
+
+def abbreviate(value: Any) -> str:
+  """``repr(value)`` cut to 60 characters, for error messages."""
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _ids_from_lengths(lengths, layout, context):
   batch_shape, time = layout.batch_shape, layout.time
-  lengths = jnp.asarray(lengths) if is_concrete(lengths) else lengths
+  lengths = as_array(lengths, context, "seq_lengths")
   if tuple(lengths.shape) != batch_shape:
     raise ValueError(
       f"{context}: seq_lengths must have shape (*batch,) = "
@@ -154,7 +188,7 @@ def _ids_from_lengths(lengths, layout, context):
 
 
 def _ids_from_mask(mask, layout, context, argument="segmentation_mask"):
-  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  mask = as_array(mask, context, argument)
   expected = layout.mask_shape
   axes = "(time, *batch)" if layout.time_major else "(*batch, time)"
   is_integer = jnp.issubdtype(mask.dtype, jnp.integer)
@@ -420,6 +454,13 @@ def flip_sequences(
       shape, both at once, or (when concrete) invalid mask or length values.
   """
   context = "flip_sequences"
+  if isinstance(num_batch_dims, (bool, np.bool_)) or not isinstance(
+    num_batch_dims, (int, np.integer)
+  ):
+    raise TypeError(
+      f"{context}: num_batch_dims must be an int, got "
+      f"{abbreviate(num_batch_dims)}"
+    )
   if num_batch_dims < 0:
     raise ValueError(
       f"{context}: num_batch_dims must be >= 0, got {num_batch_dims}"
@@ -488,8 +529,7 @@ def last_segment_ids(
       of a shape other than the mask's batch axes, or not integer.
   """
   context = "last_segment_ids"
-  mask = segmentation_mask
-  mask = jnp.asarray(mask) if is_concrete(mask) else mask
+  mask = as_array(segmentation_mask, context, "segmentation_mask")
   axes = "(time, *batch)" if time_major else "(*batch, time)"
   if mask.ndim < 1:
     raise ValueError(
@@ -498,7 +538,7 @@ def last_segment_ids(
     )
   batch_shape = mask.shape[1:] if time_major else mask.shape[:-1]
   if previous is not None:
-    previous = jnp.asarray(previous) if is_concrete(previous) else previous
+    previous = as_array(previous, context, "previous")
     if tuple(previous.shape) != tuple(batch_shape):
       hint = ""
       if tuple(previous.shape) == tuple(mask.shape):

@@ -85,8 +85,10 @@ def _prepare(inputs, w_i, valid):
     # nor ``dW_i = Xᵀ dZ`` (where NaN * 0 would still be NaN).
     inputs = jnp.where(valid[..., None], inputs, 0)
   steps, batch, _ = inputs.shape
-  projected = jnp.dot(inputs.reshape(steps * batch, -1), w_i.astype(dtype))
-  return inputs, projected.reshape(steps, batch, -1)
+  projected = jnp.dot(
+    inputs.reshape(steps * batch, inputs.shape[-1]), w_i.astype(dtype)
+  )
+  return inputs, projected.reshape(steps, batch, w_i.shape[-1])
 
 
 def _forward_scan(
@@ -147,14 +149,26 @@ def _forward_scan(
     buffer = lax.dynamic_update_index_in_dim(buffer, first, index, 0)
     return (new_state, buffer), (*outputs, tuple(rest), h_in)
 
-  steps = jnp.arange(projected.shape[0])
+  time = projected.shape[0]
   (final_state, buffer), (outputs, emitted, rest, h_in) = lax.scan(
     saving_body,
-    (initial_state, projected),
-    (steps, valid, reset),
+    (initial_state, _indexable(projected)),
+    (jnp.arange(time), valid, reset),
     unroll=unroll,
   )
-  return final_state, (outputs, emitted, (buffer, *rest), h_in)
+  return final_state, (outputs, emitted, (buffer[:time], *rest), h_in)
+
+
+def _indexable(buffer: Array) -> Array:
+  """``buffer``, or a one-step one that no step reads when it has no step.
+
+  A scan traces its body even over no step, and a step's slice of an empty
+  buffer is refused at trace time; the caller cuts the result back to
+  ``[:time]``.
+  """
+  if buffer.shape[0]:
+    return buffer
+  return jnp.zeros((1, *buffer.shape[1:]), buffer.dtype)
 
 
 def _cast_all(arrays, dtype):
@@ -327,9 +341,10 @@ def _sequence_backward(cell, unroll, emit, saved, cotangents):
   d_initial = (
     None if reset is None else tuple(map(jnp.zeros_like, d_final_state))
   )
+  time = d_outputs.shape[0]
   (d_state, d_initial, (d_gx, *d_gh)), _ = lax.scan(
     body,
-    (d_final_state, d_initial, buffers),
+    (d_final_state, d_initial, tuple(map(_indexable, buffers))),
     (
       jnp.arange(d_outputs.shape[0]),
       rest,
@@ -341,7 +356,8 @@ def _sequence_backward(cell, unroll, emit, saved, cotangents):
     reverse=True,
     unroll=unroll,
   )
-  d_gh = d_gh[0] if d_gh else None
+  d_gx = d_gx[:time]
+  d_gh = d_gh[0][:time] if d_gh else None
   if d_initial is None:
     d_initial = tuple(map(jnp.zeros_like, d_state))
 
