@@ -105,6 +105,12 @@ CASES = {
     ),
     Case("long_lstm", "LSTM, T=1000", "lstm", time=1000),
     Case(
+      "forward_lstm",
+      "LSTM forward pass (inference), batch 32",
+      "lstm",
+      training=False,
+    ),
+    Case(
       "inference_lstm",
       "LSTM inference, batch 4",
       "lstm",

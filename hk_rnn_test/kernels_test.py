@@ -190,6 +190,20 @@ class ExplainTest(_CleanMode):
       (line,) = hk_rnn.explain(apply, params, _X, _LENGTHS)
       self.assertIn("lstm -> compiled", line)
 
+  @mock.patch.multiple(compiled, _library=None)  # the real extension
+  def test_auto_leaves_avx2_machines_on_xla(self):
+    if not compiled.available():
+      self.skipTest("the compiled kernels are not built")
+    apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.GRUCell(4))(x))
+    with mock.patch.object(compiled, "_AUTO_REFUSALS", {}):
+      with mock.patch.object(compiled, "lanes", return_value=8):
+        (line,) = hk_rnn.explain(apply, params, _X)
+        self.assertIn("gru -> xla", line)
+        self.assertIn("compiled: AVX2 only (measured slower than xla", line)
+      with mock.patch.object(compiled, "lanes", return_value=16):
+        (line,) = hk_rnn.explain(apply, params, _X)
+        self.assertIn("gru -> compiled", line)
+
   def test_a_jitted_function_already_traced_is_explained(self):
     apply, params = _model(lambda x: hk_rnn.RNN(hk_rnn.MGUCell(4))(x))
     jitted = jax.jit(apply)

@@ -209,11 +209,14 @@ def refusal(
 # What ``auto`` leaves to the XLA engine although this backend computes it:
 # the cells, and the SIMD widths, where these kernels measured slower than
 # the engine in the realistic benchmark models (docs/speed.md). On AVX-512
-# both cells measured faster in every case; the AVX2 code measured slower
-# than the engine on one thread (57 against 49 ms for the LSTM training
-# step), so ``auto`` keeps AVX2-only machines on XLA until it is measured
-# faster there.
-_AUTO_REFUSALS: dict[str, str] = {}
+# the LSTM measured faster in every case, idle and beside a busy process;
+# the GRU's training step was 7 % faster idle but 8 % slower beside a busy
+# process. The AVX2 code measured slower than the engine on one thread (57
+# against 49 ms for the LSTM training step), so ``auto`` keeps AVX2-only
+# machines on XLA until it is measured faster there.
+_AUTO_REFUSALS: dict[str, str] = {
+  "gru": "measured slower than xla beside a busy process",
+}
 _AUTO_REFUSALS_AVX2 = "AVX2 only (measured slower than xla there)"
 
 
