@@ -145,7 +145,7 @@ class RGLRUCell(min_cells.LinearRecurrentCell):
   the input is not normalised, :math:`h' = a \odot h_0 + i \odot x`; with
   the default zero carry that is recurrentgemma's reset step,
   :math:`h' = i \odot x`. The derivative of :math:`\sqrt{1 - a^2}` is bounded
-  as recurrentgemma bounds it (:func:`bounded_sqrt`). ``RNN`` marks the
+  as recurrentgemma bounds it (``bounded_sqrt``). ``RNN`` marks the
   first steps (see :attr:`takes_segment_starts`); to continue a streamed
   sequence, pass ``initial_segment_ids`` so that the chunk's first step is
   not taken for a new start.
@@ -172,7 +172,7 @@ class RGLRUCell(min_cells.LinearRecurrentCell):
     c: the constant :math:`c` (8 in the paper).
     min_radius, max_radius: ``a_param`` is drawn so that
       :math:`e^{-\operatorname{softplus}(\Lambda)}` is uniform in area on this
-      ring (:func:`ring_init`).
+      ring (``ring_init``).
     w_init: initializer of the gates' ``w`` (normal, variance 1/fan-in).
     **options: ``carry_init``, ``dtype``, ``param_dtype``, ``dropout_rate``,
       ``recurrent_dropout_rate`` (must be 0), ``scan_method``, ``name``, as

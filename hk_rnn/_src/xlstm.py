@@ -18,7 +18,7 @@ sequence and whatever the gate pre-activations.
   steps, a hand-written VJP) with the sLSTM's gate math plugged in
   (``_slstm_step``/``_slstm_backward``).
 * :class:`MLSTMCell` has none: its whole sequence is computed chunk by chunk
-  (:func:`mlstm_chunkwise`), each chunk as stabilised masked attention and
+  (``mlstm_chunkwise``), each chunk as stabilised masked attention and
   the chunks linked through the ``(C, n, m)`` carry.
 """
 
@@ -605,7 +605,7 @@ class MLSTMCell(cells.RNNCellBase):
   ``w_if (in, 2H)``, ``b_if (2H,)`` (blocks i, f). The carry is
   ``(C (*batch, H, d, d), n (*batch, H, d), m (*batch, H))``, zero at the
   start. Under ``RNN(fused=True)`` a whole sequence is computed
-  chunkwise-parallel (:func:`mlstm_chunkwise`), with the step form's
+  chunkwise-parallel (``mlstm_chunkwise``), with the step form's
   numbers.
 
   >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
@@ -804,7 +804,7 @@ class MLSTMCell(cells.RNNCellBase):
     recurrent_mask=None,
     return_step_carries=False,
   ):
-    """The whole sequence chunkwise-parallel (:func:`mlstm_chunkwise`)."""
+    """The whole sequence chunkwise-parallel (``mlstm_chunkwise``)."""
     del unroll, recurrent_mask  # no per-step loop; no recurrent weight
     dtype = self._compute_dtype(inputs.dtype)
     inputs = inputs.astype(dtype)
