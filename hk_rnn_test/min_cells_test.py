@@ -476,16 +476,10 @@ class StepCarriesTest(absltest.TestCase):
 
     def forward(x, h0, flag):
       cell = hk_rnn.MinLSTMCell(FEATURES)
-      return cell._fused_sequence(  # noqa: SLF001 - the hook itself
-        jnp.swapaxes(x, 0, 1),
-        h0,
-        1,
-        reset_carry=h0,
-        valid=valid,
-        reset=reset,
-        recurrent_mask=None,
-        **({"return_step_carries": True} if flag else {}),
+      steps = hk_rnn.SequenceSteps(
+        valid=valid, reset=reset, reset_carry=h0, return_step_carries=flag
       )
+      return cell.fused_sequence(jnp.swapaxes(x, 0, 1), h0, steps)
 
     model = test_utils.transform(forward)
     h0 = _weights((4, FEATURES), 8)

@@ -367,24 +367,15 @@ class SLSTMCell(cells._GatedCell):  # noqa: SLF001
     new_h = jax.nn.sigmoid(o_pre) * new_c / new_n
     return (new_c, new_n, m_new, new_h), new_h
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    unroll,
-    *,
-    valid=None,
-    reset=None,
-    reset_carry=None,
-    recurrent_mask=None,
-    return_step_carries=False,
-  ):
+  def fused_sequence(self, inputs, initial_carry, steps):
     """The whole sequence in the fused engine with the sLSTM's gate math."""
     dtype = self._compute_dtype(inputs.dtype)
     # Uncast, so that weight gradients accumulate in float32.
     w_i, w_h, b = self._weights(inputs.shape[-1])
     initial = tuple(initial_carry)
+    reset_carry = steps.reset_carry
     reset_carry = initial if reset_carry is None else tuple(reset_carry)
+    recurrent_mask = steps.recurrent_mask
     final, outputs, emitted = _slstm_engine(
       inputs.astype(dtype),
       w_i,
@@ -392,13 +383,13 @@ class SLSTMCell(cells._GatedCell):  # noqa: SLF001
       b,
       initial,
       reset_carry,
-      valid,
-      reset,
+      steps.valid,
+      steps.reset,
       None if recurrent_mask is None else recurrent_mask.astype(dtype),
-      unroll,
-      return_step_carries,
+      steps.unroll,
+      steps.return_step_carries,
     )
-    if not return_step_carries:
+    if not steps.return_step_carries:
       return final, outputs
     # The engine emits (c, n, m) after every step; h after it is the output
     # (0 at padded steps, whose carries are never read).
@@ -792,20 +783,13 @@ class MLSTMCell(cells.RNNCellBase):
       rng,
     )
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    unroll,
-    *,
-    valid=None,
-    reset=None,
-    reset_carry=None,
-    recurrent_mask=None,
-    return_step_carries=False,
-  ):
-    """The whole sequence chunkwise-parallel (``mlstm_chunkwise``)."""
-    del unroll, recurrent_mask  # no per-step loop; no recurrent weight
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence chunkwise-parallel (``mlstm_chunkwise``).
+
+    No per-step loop (``steps.unroll`` is unused) and no recurrent weight
+    (never a recurrent mask).
+    """
+    valid, reset = steps.valid, steps.reset
     dtype = self._compute_dtype(inputs.dtype)
     inputs = inputs.astype(dtype)
     if valid is not None:
@@ -822,13 +806,13 @@ class MLSTMCell(cells.RNNCellBase):
       initial_carry,
       valid=valid,
       reset=None if reset is None else jnp.asarray(reset, bool),
-      reset_carry=reset_carry,
-      return_step_carries=return_step_carries,
+      reset_carry=steps.reset_carry,
+      return_step_carries=steps.return_step_carries,
     )
     final, h = result[:2]
     outputs = gate * h.reshape(gate.shape)
     if valid is not None:
       outputs = jnp.where(valid[..., None], outputs, 0)
-    if return_step_carries:
+    if steps.return_step_carries:
       return final, outputs, result[2]
     return final, outputs
