@@ -25,18 +25,6 @@ from hk_rnn._src import layout
 Array = jax.Array
 
 
-def _positive_int(value: Any, argument: str, context: str) -> int:
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or value <= 0
-  ):
-    raise ValueError(
-      f"{context}: {argument} must be a positive int, got {value!r}"
-    )
-  return int(value)
-
-
 class CoreCell(cells_lib.RNNCellBase):
   """Runs an ``hk.RNNCore`` as an hk_rnn cell.
 
@@ -86,7 +74,7 @@ class CoreCell(cells_lib.RNNCellBase):
         f"CoreCell: core must be an hk.RNNCore, got {type(core).__name__}"
       )
     self.core = core
-    self._num_feature_axes = _positive_int(
+    self._num_feature_axes = layout.positive_int(
       num_feature_axes, "num_feature_axes", "CoreCell"
     )
 

@@ -322,7 +322,9 @@ def parse(
   """
   layout = Layout.of(inputs, num_feature_axes, time_major, context)
   ids = segment_ids(segmentation_mask, seq_lengths, layout, context)
-  max_segments = check_max_segments(max_segments, context)
+  max_segments = positive_int(
+    max_segments, "max_segments", context, allow_none=True
+  )
   if max_segments is not None and segmentation_mask is not None:
     check_segment_count(
       ids, max_segments, time_major=time_major, context=context
@@ -529,20 +531,20 @@ def _check_mask_values(
     )
 
 
-def check_max_segments(max_segments: Any, context: str) -> int | None:
-  """Validates a ``max_segments`` argument: None or a positive int."""
-  if max_segments is None:
+def positive_int(
+  value: Any, argument: str, context: str, *, allow_none: bool = False
+) -> int | None:
+  """``value`` as an int, checked to be positive (or None, if allowed)."""
+  if value is None and allow_none:
     return None
   if (
-    isinstance(max_segments, (bool, np.bool_))
-    or not isinstance(max_segments, (int, np.integer))
-    or max_segments < 1
+    isinstance(value, (bool, np.bool_))
+    or not isinstance(value, (int, np.integer))
+    or value < 1
   ):
-    raise ValueError(
-      f"{context}: max_segments must be a positive int or None, got "
-      f"{max_segments!r}"
-    )
-  return int(max_segments)
+    expected = "a positive int or None" if allow_none else "a positive int"
+    raise ValueError(f"{context}: {argument} must be {expected}, got {value!r}")
+  return int(value)
 
 
 def check_segment_count(

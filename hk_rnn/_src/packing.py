@@ -88,7 +88,7 @@ class PackedSequences:
     )
 
 
-def _positive_int(value: Any, argument: str, allow_none: bool) -> int | None:
+def _positive_count(value: Any, argument: str, allow_none: bool) -> int | None:
   if value is None and allow_none:
     return None
   if (
@@ -292,9 +292,9 @@ def pack_sequences(
       that are not positive ints, and sequences that do not fit in
       ``num_rows`` rows.
   """
-  row_length = _positive_int(row_length, "row_length", allow_none=False)
-  num_rows = _positive_int(num_rows, "num_rows", allow_none=True)
-  max_segments = _positive_int(max_segments, "max_segments", allow_none=True)
+  row_length = _positive_count(row_length, "row_length", allow_none=False)
+  num_rows = _positive_count(num_rows, "num_rows", allow_none=True)
+  max_segments = _positive_count(max_segments, "max_segments", allow_none=True)
   arrays = _check_sequences(sequences, row_length)
   lengths = np.array([array.shape[0] for array in arrays], np.int64)
   rows, starts, slots, room, segments = _first_fit_decreasing(
