@@ -20,7 +20,8 @@ mask or lengths are concrete (outside ``jit``, and held whole by this
 process); traced values and global arrays spread over several processes
 cannot be inspected here, so for them they are the caller's promise.
 
-This module also checks a user's ``initial_carry`` against the cell's own.
+This module also checks a user's ``initial_carry`` against the cell's own;
+checks of single arguments shared with other modules are in ``checks``.
 """
 
 from __future__ import annotations
@@ -36,53 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src import packing
+from hk_rnn._src import checks, packing
 
 Array = jax.Array
 Carry = Any
-
-
-def is_concrete(value: Any) -> bool:
-  """Whether ``value``'s contents can be read on this host now.
-
-  Not for a tracer (under ``jit``, ``vmap``, ``grad``), nor for a global
-  ``jax.Array`` of a multi-process run whose shards sit partly on other
-  processes' devices: fetching it would fail, and checking only the local
-  shards would let one process raise while the others wait for it in a
-  collective. Both are checked as traced values are: shapes and dtypes only.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return False
-  return not isinstance(value, jax.Array) or value.is_fully_addressable
-
-
-def describe_shape(shape: Sequence[int]) -> str:
-  """A shape for error messages, as a tuple of ints: ``(2, 3)``."""
-  return str(tuple(int(d) for d in shape))
-
-
-def as_array(value: Any, context: str, argument: str) -> Any:
-  """``value`` as a jax array (tracers as they are), or a TypeError.
-
-  The error names ``argument`` when ``value`` is no array of numbers (a
-  string, None, a dict, a ragged list), where ``jnp.asarray`` would name
-  nothing the caller passed.
-  """
-  if not is_concrete(value) or isinstance(value, jax.Array):
-    return value
-  try:
-    return jnp.asarray(value)
-  except (TypeError, ValueError):
-    raise TypeError(
-      f"{context}: {argument} must be an array of numbers, got "
-      f"{type(value).__name__} {abbreviate(value)}"
-    ) from None
-
-
-def abbreviate(value: Any) -> str:
-  """``repr(value)`` cut to 60 characters, for error messages."""
-  text = repr(value)
-  return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Layout:
@@ -176,7 +134,7 @@ class Layout:
     else:
       inputs = (*self.batch_shape, self.time, *self.feature_shape)
     return (
-      f"; that shape would fit if the inputs, of shape {describe_shape(inputs)}, "
+      f"; that shape would fit if the inputs, of shape {checks.describe_shape(inputs)}, "
       "had one more axis: are they missing their feature axis? (inputs[..., "
       "None] gives one feature per step)"
     )
@@ -219,7 +177,7 @@ def _inputs_dtype(inputs: Any, context: str) -> np.dtype:
   except TypeError:
     raise TypeError(
       f"{context}: inputs must be an array of numbers (*batch, time, "
-      f"*features), got {type(inputs).__name__} {abbreviate(inputs)}"
+      f"*features), got {type(inputs).__name__} {checks.abbreviate(inputs)}"
     ) from None
 
 
@@ -322,7 +280,7 @@ def parse(
   """
   layout = Layout.of(inputs, num_feature_axes, time_major, context)
   ids = segment_ids(segmentation_mask, seq_lengths, layout, context)
-  max_segments = positive_int(
+  max_segments = checks.positive_int(
     max_segments, "max_segments", context, allow_none=True
   )
   if max_segments is not None and segmentation_mask is not None:
@@ -394,8 +352,8 @@ def segment_ids(
   if segmentation_mask is not None and seq_lengths is not None:
     raise ValueError(
       f"{context}: pass either segmentation_mask or seq_lengths, not both; "
-      f"got segmentation_mask of shape {describe_shape(np.shape(segmentation_mask))}"
-      f" and seq_lengths of shape {describe_shape(np.shape(seq_lengths))}"
+      f"got segmentation_mask of shape {checks.describe_shape(np.shape(segmentation_mask))}"
+      f" and seq_lengths of shape {checks.describe_shape(np.shape(seq_lengths))}"
     )
   if seq_lengths is not None:
     return _ids_from_lengths(seq_lengths, layout, context)
@@ -406,11 +364,11 @@ def segment_ids(
 
 def _ids_from_lengths(lengths, layout, context):
   batch_shape, time = layout.batch_shape, layout.time
-  lengths = as_array(lengths, context, "seq_lengths")
+  lengths = checks.as_array(lengths, context, "seq_lengths")
   if tuple(lengths.shape) != batch_shape:
     raise ValueError(
       f"{context}: seq_lengths must have shape (*batch,) = "
-      f"{describe_shape(batch_shape)}, got {describe_shape(lengths.shape)}"
+      f"{checks.describe_shape(batch_shape)}, got {checks.describe_shape(lengths.shape)}"
       + layout.missing_axis_hint(lengths.shape, lengths=True)
     )
   if not jnp.issubdtype(lengths.dtype, jnp.integer):
@@ -418,7 +376,7 @@ def _ids_from_lengths(lengths, layout, context):
       f"{context}: seq_lengths must be an integer array, got dtype "
       f"{lengths.dtype}"
     )
-  if is_concrete(lengths):
+  if checks.is_concrete(lengths):
     values = np.asarray(lengths)
     bad = (values < 0) | (values > time)
     if bad.any():
@@ -437,7 +395,7 @@ def ids_from_mask(mask, layout, context, argument="segmentation_mask"):
 
   Its values are checked too when concrete (see :func:`segment_ids`).
   """
-  mask = as_array(mask, context, argument)
+  mask = checks.as_array(mask, context, argument)
   expected = layout.mask_shape
   axes = "(time, *batch)" if layout.time_major else "(*batch, time)"
   is_integer = jnp.issubdtype(mask.dtype, jnp.integer)
@@ -450,14 +408,14 @@ def ids_from_mask(mask, layout, context, argument="segmentation_mask"):
       )
     raise ValueError(
       f"{context}: {argument} must have shape {axes} = "
-      f"{describe_shape(expected)}, got {describe_shape(mask.shape)}{hint}"
+      f"{checks.describe_shape(expected)}, got {checks.describe_shape(mask.shape)}{hint}"
     )
   if not (is_integer or mask.dtype == jnp.bool_):
     raise ValueError(
       f"{context}: {argument} must be an integer or bool array, got "
       f"dtype {mask.dtype}"
     )
-  if is_concrete(mask):
+  if checks.is_concrete(mask):
     rows = np.moveaxis(np.asarray(mask), 0, -1) if layout.time_major else mask
     _check_mask_values(np.asarray(rows).astype(np.int64), context, argument)
   return mask.astype(jnp.int32)
@@ -531,27 +489,11 @@ def _check_mask_values(
     )
 
 
-def positive_int(
-  value: Any, argument: str, context: str, *, allow_none: bool = False
-) -> int | None:
-  """``value`` as an int, checked to be positive (or None, if allowed)."""
-  if value is None and allow_none:
-    return None
-  if (
-    isinstance(value, (bool, np.bool_))
-    or not isinstance(value, (int, np.integer))
-    or value < 1
-  ):
-    expected = "a positive int or None" if allow_none else "a positive int"
-    raise ValueError(f"{context}: {argument} must be {expected}, got {value!r}")
-  return int(value)
-
-
 def check_segment_count(
   ids: Array | None, max_segments: int, *, time_major: bool, context: str
 ) -> None:
   """Raises when a concrete row holds more than ``max_segments`` segments."""
-  if ids is None or not is_concrete(ids):
+  if ids is None or not checks.is_concrete(ids):
     return
   rows = np.asarray(ids)
   rows = np.moveaxis(rows, 0, -1) if time_major else rows
@@ -572,7 +514,7 @@ def has_packed_rows(ids: Array | None, axis: int) -> bool:
   """Whether some row may hold several segments (True when unknowable)."""
   if ids is None:
     return False
-  if not is_concrete(ids):
+  if not checks.is_concrete(ids):
     return True
   # numpy, not jnp: under an outer jit even constants become tracers.
   ids = np.moveaxis(np.asarray(ids), axis, -1)

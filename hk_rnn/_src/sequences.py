@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hk_rnn._src import checks
 from hk_rnn._src import layout as layout_lib
 
 Array = jax.Array
@@ -150,7 +151,7 @@ def flip_sequences(
   ):
     raise TypeError(
       f"{context}: num_batch_dims must be an int, got "
-      f"{layout_lib.abbreviate(num_batch_dims)}"
+      f"{checks.abbreviate(num_batch_dims)}"
     )
   if num_batch_dims < 0:
     raise ValueError(
@@ -165,14 +166,15 @@ def flip_sequences(
     if np.ndim(leaf) < lead:
       raise ValueError(
         f"{context}: inputs must have at least num_batch_dims + 1 = {lead} "
-        f"axes {layout}, got shape {layout_lib.describe_shape(np.shape(leaf))}"
+        f"axes {layout}, got shape {checks.describe_shape(np.shape(leaf))}"
       )
   first = np.shape(leaves[0])[:lead]
   for leaf in leaves[1:]:
     if np.shape(leaf)[:lead] != first:
       raise ValueError(
         f"{context}: every leaf of inputs must share the leading "
-        f"{layout} axes {layout_lib.describe_shape(first)}, got {layout_lib.describe_shape(np.shape(leaf))}"
+        f"{layout} axes {checks.describe_shape(first)}, got "
+        f"{checks.describe_shape(np.shape(leaf))}"
       )
   axis = 0 if time_major else num_batch_dims
   batch_shape = first[1:] if time_major else first[:-1]
@@ -218,16 +220,16 @@ def last_segment_ids(
       of a shape other than the mask's batch axes, or not integer.
   """
   context = "last_segment_ids"
-  mask = layout_lib.as_array(segmentation_mask, context, "segmentation_mask")
+  mask = checks.as_array(segmentation_mask, context, "segmentation_mask")
   axes = "(time, *batch)" if time_major else "(*batch, time)"
   if mask.ndim < 1:
     raise ValueError(
       f"{context}: segmentation_mask must have shape {axes}, with a time "
-      f"axis, got {layout_lib.describe_shape(mask.shape)}"
+      f"axis, got {checks.describe_shape(mask.shape)}"
     )
   batch_shape = mask.shape[1:] if time_major else mask.shape[:-1]
   if previous is not None:
-    previous = layout_lib.as_array(previous, context, "previous")
+    previous = checks.as_array(previous, context, "previous")
     if tuple(previous.shape) != tuple(batch_shape):
       hint = ""
       if tuple(previous.shape) == tuple(mask.shape):
@@ -237,8 +239,9 @@ def last_segment_ids(
         )
       raise ValueError(
         f"{context}: previous must have shape (*batch,) = "
-        f"{layout_lib.describe_shape(batch_shape)} for segmentation_mask of shape {axes} = "
-        f"{layout_lib.describe_shape(mask.shape)}, got {layout_lib.describe_shape(previous.shape)}{hint}"
+        f"{checks.describe_shape(batch_shape)} for segmentation_mask of "
+        f"shape {axes} = {checks.describe_shape(mask.shape)}, got "
+        f"{checks.describe_shape(previous.shape)}{hint}"
       )
     if not jnp.issubdtype(previous.dtype, jnp.integer):
       raise ValueError(
