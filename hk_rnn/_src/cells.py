@@ -202,12 +202,12 @@ def _ones_then_zeros(shape, dtype):
   )
 
 
-_LECUN_NORMAL = hk.initializers.VarianceScaling(
+LECUN_NORMAL = hk.initializers.VarianceScaling(
   1.0, "fan_in", "truncated_normal"
 )
 
 
-class _GatedCell(RNNCellBase):
+class GatedCell(RNNCellBase):
   """What the built-in cells share: options, parameters, carry, dropout.
 
   Subclasses set ``_num_blocks`` (gate blocks in the weight matrices) and
@@ -239,7 +239,7 @@ class _GatedCell(RNNCellBase):
     self.features = check_features(features, context)
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
-    self.w_i_init = w_i_init or _LECUN_NORMAL
+    self.w_i_init = w_i_init or LECUN_NORMAL
     self.w_h_init = w_h_init or _orthogonal_per_block(self._num_blocks)
     self.b_init = b_init or jnp.zeros
     self.carry_init = carry_init
@@ -354,7 +354,7 @@ def _masked(h: Array, recurrent_mask: Array | None) -> Array:
   return h if recurrent_mask is None else h * recurrent_mask
 
 
-def _lstm_update(cell: _GatedCell, z: Array, c: Array):
+def _lstm_update(cell: GatedCell, z: Array, c: Array):
   """The LSTM's gates from pre-activations ``z = [z_i, z_f, z_g, z_o]``."""
   i, f, g, o = jnp.split(z, 4, axis=-1)
   new_c = cell.gate_fn(f) * c + cell.gate_fn(i) * cell.activation_fn(g)
@@ -362,7 +362,7 @@ def _lstm_update(cell: _GatedCell, z: Array, c: Array):
   return (new_c, new_h), new_h
 
 
-class LSTMCell(_GatedCell):
+class LSTMCell(GatedCell):
   r"""Long short-term memory cell (Hochreiter & Schmidhuber, 1997).
 
   .. math::
@@ -439,7 +439,7 @@ class LSTMCell(_GatedCell):
     )
 
 
-class _TwoBiasCell(_GatedCell):
+class _TwoBiasCell(GatedCell):
   """Base of the cells that keep the biases ``b_i`` and ``b_h`` apart.
 
   In the GRU and the MGU a gate multiplies the recurrent term before it joins
@@ -523,7 +523,7 @@ class GRUCell(_TwoBiasCell):
     )
 
 
-class SimpleCell(_GatedCell):
+class SimpleCell(GatedCell):
   r"""Elman RNN cell: :math:`h' = \tanh(x W_i + h W_h + b)`.
 
   Parameters: ``w_i (in, F)``, ``w_h (F, F)``, ``b (F,)``. The carry is
@@ -613,7 +613,7 @@ class MGUCell(_TwoBiasCell):
 _CONV_DIMENSIONS = {1: "W", 2: "HW", 3: "DHW"}
 
 
-class ConvLSTMCell(_GatedCell):
+class ConvLSTMCell(GatedCell):
   r"""Convolutional LSTM (Shi et al., 2015): an LSTM whose matmuls are convs.
 
   .. math::
@@ -645,7 +645,7 @@ class ConvLSTMCell(_GatedCell):
   _carry_size = 2
 
   def __init__(self, features: int, kernel_shape: Sequence[int], **options):
-    options.setdefault("w_h_init", _LECUN_NORMAL)
+    options.setdefault("w_h_init", LECUN_NORMAL)
     super().__init__(features, **options)
     kernel_shape = tuple(int(k) for k in kernel_shape)
     if len(kernel_shape) not in _CONV_DIMENSIONS or min(kernel_shape) <= 0:

@@ -364,7 +364,7 @@ class MinGRUCell(LinearRecurrentCell):
       )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
-    self.w_i_init = w_i_init or cells._LECUN_NORMAL  # noqa: SLF001
+    self.w_i_init = w_i_init or cells.LECUN_NORMAL
     self.b_init = b_init or jnp.zeros
 
   def _projection(self, inputs: Array) -> list[Array]:

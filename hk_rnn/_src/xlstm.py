@@ -101,7 +101,7 @@ def _stabilised_gates(
 # step and a backward step), its whole-sequence entry with the hand-written
 # VJP, and two helpers of its gate math.
 _EngineCell = gates.GateMath
-_engine_sequence = xla._sequence  # noqa: SLF001
+_engine_sequence = xla.sequence
 _activate_gates = gates.activate
 _gate_blocks = gates.concat_blocks
 
@@ -247,7 +247,7 @@ def _lecun_per_head(shape, dtype):
   return hk.initializers.TruncatedNormal(stddev)(shape, dtype)
 
 
-class SLSTMCell(cells._GatedCell):  # noqa: SLF001
+class SLSTMCell(cells.GatedCell):
   r"""xLSTM's sLSTM (Beck et al. 2024), as NX-AI/xlstm's reference computes it.
 
   .. math::
@@ -650,7 +650,7 @@ class MLSTMCell(cells.RNNCellBase):
         f"{context}: recurrent_dropout_rate must be 0 (the cell has no "
         f"recurrent weight), got {recurrent_dropout_rate!r}"
       )
-    self.w_init = w_init or cells._LECUN_NORMAL  # noqa: SLF001
+    self.w_init = w_init or cells.LECUN_NORMAL
     self.w_if_init = w_if_init or jnp.zeros
     self.b_init = b_init or jnp.zeros
     self.b_if_init = b_if_init or _forget_bias_init(2, 1)
