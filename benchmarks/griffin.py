@@ -139,12 +139,7 @@ def markdown(results, meta) -> str:
 
 
 def _versions() -> str:
-  from importlib import metadata  # noqa: PLC0415
-
-  return ", ".join(
-    f"{package} {metadata.version(package)}"
-    for package in ("jax", "jaxlib", "dm-haiku")
-  )
+  return method.versions("jax", "jaxlib", "dm-haiku")
 
 
 def main(argv=None) -> None:

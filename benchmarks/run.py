@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import method, timing
+from benchmarks import method
 
 # Fewer threads than cores makes every contender slower in the same way;
 # leave each library's default (one thread per core).
@@ -173,7 +173,7 @@ def _jax_runner(case, init, apply, inputs, lengths) -> Runner:
       return _carry_loss(*apply(params, inputs, lengths))
 
   compiled = jax.jit(step).lower(params, inputs, lengths).compile()
-  memory_bytes = timing.compiled_temp_bytes(compiled)
+  memory_bytes = method.compiled_temp_bytes(compiled)
   return Runner(
     lambda: jax.block_until_ready(compiled(params, inputs, lengths)),
     memory_bytes,
@@ -451,12 +451,7 @@ def _child(case: Case, name: str, rounds: int, iters: int, calls: int, seed):
     return
   if case.training:
     iters = max(1, round(iters * 64 / case.time))
-
-    def block():
-      for _ in range(iters):
-        runner.run()
-
-    samples = [s / iters for s in method.time_calls(block, calls=rounds)]
+    samples = method.time_blocks(runner.run, rounds=rounds, iters=iters)
   else:
     samples = method.time_calls(runner.run, calls=calls, warmup=3)
   report = method.summarize(samples)
@@ -508,7 +503,7 @@ def _markdown(results, cases, meta) -> str:
         f"| {name} | {median * 1e3:.2f} |{tail} "
         f"{min(spread) * 1e3:.1f}–{max(spread) * 1e3:.1f} | "
         f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
-        f"{timing.format_bytes(result.get('memory_bytes'))} |"
+        f"{method.format_bytes(result.get('memory_bytes'))} |"
       )
     unmasked = timed.get("hk_rnn_unmasked")
     if lead is not None and unmasked is not None:
@@ -554,15 +549,7 @@ def _chart(results, cases, path) -> None:
 
 
 def _versions() -> str:
-  import importlib.metadata
-
-  found = []
-  for package in ("jax", "jaxlib", "dm-haiku", "flax", "torch"):
-    try:
-      found.append(f"{package} {importlib.metadata.version(package)}")
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return ", ".join(found)
+  return method.versions("jax", "jaxlib", "dm-haiku", "flax", "torch")
 
 
 def main(argv=None) -> None:
@@ -583,13 +570,7 @@ def main(argv=None) -> None:
     default=",".join(CONTENDERS),
     help="comma-separated contender names (default: every one installed)",
   )
-  parser.add_argument(
-    "--processes",
-    type=int,
-    default=3,
-    help="processes per contender, in alternating order (at least 3 for "
-    "published figures)",
-  )
+  method.add_arguments(parser)
   parser.add_argument("--rounds", type=int, default=7, help="samples/process")
   parser.add_argument("--iters", type=int, default=3, help="steps per sample")
   parser.add_argument(
@@ -606,11 +587,6 @@ def main(argv=None) -> None:
     action="store_true",
     help="shrink every case to B=4, T=8, D=8, F=16: a smoke test of the "
     "harness, not a measurement",
-  )
-  parser.add_argument(
-    "--busy",
-    action="store_true",
-    help="keep one spinning process beside the benchmark",
   )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="runs/benchmarks", help="output folder")
