@@ -30,7 +30,7 @@ A harness has two halves, both here once:
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import datetime
 import json
 import os
@@ -124,15 +124,16 @@ def time_blocks(
   return [s / iters for s in time_calls(block, calls=rounds, warmup=warmup)]
 
 
-def print_report(samples: Sequence[float], **figures: Any) -> None:
-  """Prints one process's report as the JSON line :func:`measure` reads.
+def report(samples: Sequence[float], **figures: Any) -> dict[str, Any]:
+  """One process's report: :func:`summarize` of ``samples``, the extra
+  ``figures`` (such as ``memory_bytes``) and this process's id, by which a
+  run shows that every contender had processes of its own."""
+  return {**summarize(samples), **figures, "pid": os.getpid()}
 
-  The report is :func:`summarize` of ``samples``, the extra ``figures``
-  (such as ``memory_bytes``) and this process's id, by which a run shows
-  that every contender had processes of its own.
-  """
-  report = {**summarize(samples), **figures, "pid": os.getpid()}
-  print(json.dumps(report), flush=True)
+
+def print_report(samples: Sequence[float], **figures: Any) -> None:
+  """Prints :func:`report` as the JSON line :func:`measure` reads."""
+  print(json.dumps(report(samples, **figures)), flush=True)
 
 
 def print_skip(reason: str) -> None:
@@ -166,6 +167,10 @@ class BusyNeighbour:
   def __exit__(self, *exc_info: Any) -> None:
     self._process.kill()
     self._process.wait()
+
+  @property
+  def running(self) -> bool:
+    return self._process.poll() is None
 
 
 def measure(
@@ -280,6 +285,16 @@ def versions(*packages: str) -> str:
   return ", ".join(found)
 
 
+def _at_least_one(text: str) -> int:
+  try:
+    count = int(text)
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return count
+
+
 def add_arguments(parser, contenders: Sequence[str] = ()) -> None:
   """The method's flags: ``--processes`` and ``--busy``, and with
   ``contenders``, ``--contenders`` (a comma-separated choice of them, all
@@ -292,7 +307,7 @@ def add_arguments(parser, contenders: Sequence[str] = ()) -> None:
     )
   parser.add_argument(
     "--processes",
-    type=int,
+    type=_at_least_one,
     default=3,
     help="processes per contender, in alternating order (at least 3 for "
     "published figures)",
@@ -352,7 +367,7 @@ class Session:
     self.processes = processes
     self.busy = busy
     self.log = log
-    self._neighbour = contextlib.ExitStack()
+    self.neighbour: BusyNeighbour | None = None
 
   def __enter__(self) -> Session:
     self.date = datetime.datetime.now().isoformat(timespec="seconds")
@@ -363,11 +378,12 @@ class Session:
     if warning:
       self.log(warning)
     if self.busy:
-      self._neighbour.enter_context(BusyNeighbour())
+      self.neighbour = BusyNeighbour().__enter__()
     return self
 
   def __exit__(self, *exc_info: Any) -> None:
-    self._neighbour.close()
+    if self.neighbour is not None:
+      self.neighbour.__exit__(*exc_info)
     self.load_after = load_average()
 
   def measure(self, arguments: dict[str, list[str]]) -> dict[str, Any]:

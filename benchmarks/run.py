@@ -41,9 +41,7 @@ Full run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import resource
@@ -443,21 +441,22 @@ def _child(case: Case, name: str, rounds: int, iters: int, calls: int, seed):
   """
   family, build = CONTENDERS[name]
   if family != "hk_rnn" and not _installed(family):
-    print(json.dumps({"skipped": f"{family} is not installed"}))
+    method.print_skip(f"{family} is not installed")
     return
   runner = build(case, *make_data(case, seed))
   if isinstance(runner, str):
-    print(json.dumps({"skipped": runner}))
+    method.print_skip(runner)
     return
   if case.training:
     iters = max(1, round(iters * 64 / case.time))
     samples = method.time_blocks(runner.run, rounds=rounds, iters=iters)
   else:
     samples = method.time_calls(runner.run, calls=calls, warmup=3)
-  report = method.summarize(samples)
-  report["memory_bytes"] = runner.memory_bytes
-  report["gflops"] = case.gemm_flops / report["median_s"] / 1e9
-  print(json.dumps(report))
+  method.print_report(
+    samples,
+    memory_bytes=runner.memory_bytes,
+    gflops=case.gemm_flops / method.summarize(samples)["median_s"] / 1e9,
+  )
 
 
 def _markdown(results, cases, meta) -> str:
@@ -466,14 +465,9 @@ def _markdown(results, cases, meta) -> str:
     "",
     f"- date: {meta['date']}",
     f"- versions: {meta['versions']}",
-    *method.header(
-      meta["command"], meta["load_before"], meta["load_after"],
-      meta["processes"],
-    ),
+    *meta["header"],
     f"- per process: {meta['rounds']} samples of {meta['iters']} training "
-    f"steps (fewer for T > 64), or {meta['calls']} inference calls"
-    + ("; one busy process beside the benchmark (`--busy`)" if meta["busy"]
-       else ""),
+    f"steps (fewer for T > 64), or {meta['calls']} inference calls",
     "",
     "Times are medians of the per-process medians; `hk_rnn ÷ peer` below 1 "
     "means hk_rnn is faster; `spread` is the range of the per-process "
@@ -614,15 +608,7 @@ def main(argv=None) -> None:
         f"--contenders: unknown contender {name!r}; "
         f"known: {', '.join(CONTENDERS)}"
       )
-  if args.processes < 1:
-    parser.error(f"--processes must be at least 1, got {args.processes}")
 
-  log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-  load_before = method.load_average()
-  log(f"CPU: {method.cpu_model()}; load average before: {load_before}")
-  warning = method.busy_warning(load_before)
-  if warning:
-    log(warning)
   options = [
     *(["--tiny"] if args.tiny else []),
     f"--rounds={rounds}",
@@ -631,37 +617,25 @@ def main(argv=None) -> None:
     f"--seed={args.seed}",
   ]
   results = {}
-  with method.BusyNeighbour() if args.busy else contextlib.nullcontext():
+  argv = sys.argv[1:] if argv is None else argv
+  with method.Session(
+    "benchmarks.run", argv, processes=args.processes, busy=args.busy
+  ) as session:
     for name in case_names:
-      log(f"{name}:")
-      results[name] = method.measure(
+      session.log(f"{name}:")
+      results[name] = session.measure(
         {
-          contender: [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--child",
-            name,
-            contender,
-            *options,
-          ]
+          contender: ["--child", name, contender, *options]
           for contender in contenders
-        },
-        processes=args.processes,
-        log=log,
+        }
       )
   meta = {
-    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "cpu": method.cpu_model(),
+    **session.meta(),
     "versions": _versions(),
-    "load_before": load_before,
-    "load_after": method.load_average(),
-    "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
-    "processes": args.processes,
+    "header": session.header(),
     "rounds": rounds,
     "iters": iters,
     "calls": calls,
-    "busy": args.busy,
   }
   os.makedirs(args.out, exist_ok=True)
   table = _markdown(results, cases, meta)
@@ -671,6 +645,7 @@ def main(argv=None) -> None:
     json.dump({"meta": meta, "results": results}, file, indent=1)
   _chart(results, cases, os.path.join(args.out, "chart.png"))
   print(table)
+  return results
 
 
 if __name__ == "__main__":

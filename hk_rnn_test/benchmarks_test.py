@@ -20,6 +20,20 @@ from benchmarks import (
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
+  def assert_one_process_per_contender(self, results, processes=1):
+    """Every contender ran ``processes`` processes of its own, started with
+    a command naming it; no two shared a process or ran in this one
+    (contenders that skipped ran one process, which reported no time)."""
+    pids = []
+    for name, result in results.items():
+      if "skipped" in result:
+        continue
+      self.assertTrue(any(name in arg for arg in result["command"]), result)
+      self.assertLen(result["processes"], processes)
+      pids += [report["pid"] for report in result["processes"]]
+    self.assertLen(set(pids), len(pids))
+    self.assertNotIn(os.getpid(), pids)
+
   def test_tiny_xlstm_run_times_each_contender_in_its_own_process(self):
     with tempfile.TemporaryDirectory() as out:
       results = xlstm.main(
@@ -32,6 +46,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
         ]
       )
       self.assertEqual(set(results), {"slstm_fused", "lstm_fused"})
+      self.assert_one_process_per_contender(results)
       with open(os.path.join(out, "xlstm.md")) as file:
         self.assertIn("- slstm_fused / lstm_fused = ", file.read())
       self.assertTrue(os.path.exists(os.path.join(out, "xlstm.json")))
@@ -52,7 +67,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
 
   def test_tiny_run_writes_table_json_and_chart(self):
     with tempfile.TemporaryDirectory() as out:
-      run.main(
+      results = run.main(
         [
           "--tiny",
           "--cases=masked_bilstm,inference_lstm",
@@ -74,6 +89,8 @@ class BenchmarkHarnessTest(absltest.TestCase):
       self.assertIn("each contender in its own process", table)
       for name in ("results.json", "chart.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)))
+    for by_contender in results.values():
+      self.assert_one_process_per_contender(by_contender)
 
   def test_unmasked_contender_runs_only_in_masked_cases(self):
     case = run._tiny(run.CASES["lstm"])
@@ -113,16 +130,27 @@ class BenchmarkHarnessTest(absltest.TestCase):
     self.assertIsNone(method.busy_warning((0.49 * cores, 0, 0)))
     self.assertIn("busy", method.busy_warning((0.5 * cores, 0, 0)))
 
-  def assert_one_process_per_contender(self, results, processes=1):
-    """Every contender ran ``processes`` processes of its own, started with
-    its own ``--one`` command; no two shared a process or ran in this one."""
-    pids = []
-    for name, result in results.items():
-      self.assertIn(f"--one={name}", result["command"])
-      self.assertLen(result["processes"], processes)
-      pids += [report["pid"] for report in result["processes"]]
-    self.assertLen(set(pids), len(pids))
-    self.assertNotIn(os.getpid(), pids)
+  def test_a_busy_session_spins_a_neighbour_while_open_and_says_so(self):
+    with method.Session(
+      "benchmarks.x", ["--busy"], processes=3, busy=True, log=lambda _: None
+    ) as session:
+      self.assertTrue(session.neighbour.running)
+    self.assertFalse(session.neighbour.running)
+    header = "\n".join(session.header())
+    self.assertIn("one busy process beside the benchmark", header)
+    self.assertIn("`python -m benchmarks.x --busy`", header)
+    self.assertIn("3 processes each in alternating order", header)
+    self.assertEqual(session.meta()["busy"], True)
+
+  def test_fewer_than_one_process_is_an_error_naming_the_flag(self):
+    for harness, argv in (
+      (linear, []),
+      (packing, []),
+      (options, ["--study=remat"]),
+      (griffin, []),
+    ):
+      with self.assertRaises(SystemExit):
+        harness.main([*argv, "--processes=0"])
 
   def test_remat_study_packed_rows_fill_every_row(self):
     ids = options._packed_ids(np.random.default_rng(0), 3, 500)
@@ -224,7 +252,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
 
   def test_tiny_griffin_run_in_separate_processes(self):
     with tempfile.TemporaryDirectory() as out:
-      griffin.main(
+      results = griffin.main(
         [
           "--tiny",
           "--contenders=griffin,gru",
@@ -239,6 +267,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
       self.assertIn("| gru | ", table)
       self.assertIn("griffin ÷ gru:", table)
       self.assertIn("CPU:", table)
+    self.assert_one_process_per_contender(results)
     report = griffin.one_process("rglru", 2, 16, 8, calls=1)
     self.assertGreater(report["median_s"], 0)
 
