@@ -207,7 +207,20 @@ def _indices(text: str | None, count: int, parser) -> list[int]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0],
+    epilog="Settings (--settings indices; --quick shrinks the shapes): "
+    + "; ".join(
+      f"{study}: "
+      + ", ".join(
+        f"{index} = {_title(cell, shape, step_options)}"
+        for index, (cell, shape, _, step_options) in enumerate(
+          settings(study, quick=False)
+        )
+      )
+      for study in ("remat", "dropout")
+    ),
+  )
   parser.add_argument("--study", choices=("remat", "dropout"), required=True)
   method.add_arguments(parser)
   parser.add_argument(
