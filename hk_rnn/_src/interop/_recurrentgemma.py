@@ -4,7 +4,7 @@ recurrentgemma's ``RGLRU`` becomes an :class:`~hk_rnn.RGLRUCell` and its
 ``RecurrentBlock`` (with the ``Conv1D`` and ``RGLRU`` inside it) a
 :class:`~hk_rnn.GriffinCell`; the two compute the same functions for the
 same weights. Sources and cells are matched one to one, in the order they
-were created, by the rule of ``interop.py`` (kept as given unless the keys
+were created, by the rule of ``_matching.py`` (kept as given unless the keys
 are sorted; then read from the names).
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src.interop import (
+from hk_rnn._src.interop._matching import (
   Params,
-  _creation_order,
-  _is_sorted,
-  _is_sorted_tree,
+  creation_order,
+  is_sorted,
+  is_sorted_tree,
 )
 
 _CONTEXT = "from_recurrentgemma"
@@ -138,10 +138,10 @@ def _cell_units(params: Params) -> list[_Unit]:
   ]
   found.sort(key=lambda item: item[0])
   units = [unit for _, unit in found]
-  order = _creation_order(
+  order = creation_order(
     [tuple(unit.where.split("/")) for unit in units],
     [_KIND_NAMES[unit.kind] for unit in units],
-    _is_sorted(names),
+    is_sorted(names),
     _CONTEXT,
     "params",
   )
@@ -205,10 +205,10 @@ def from_recurrentgemma(
     )
   found: list = []
   _source_units(variables, (), found)
-  order = _creation_order(
+  order = creation_order(
     [path for path, _ in found],
     [_KIND_NAMES[unit.kind] for _, unit in found],
-    _is_sorted_tree(variables),
+    is_sorted_tree(variables),
     _CONTEXT,
     "the source's variables",
   )
