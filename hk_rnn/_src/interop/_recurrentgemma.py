@@ -148,7 +148,7 @@ def _cell_units(params: Params) -> list[_Unit]:
   return [units[index] for index in order]
 
 
-def _describe(unit: _Unit, source: bool) -> str:
+def _describe_unit(unit: _Unit, source: bool) -> str:
   if source:
     return f"{_SOURCE_NAMES[unit.kind]} '{unit.where}'"
   return f"cell '{unit.where}' ({_KIND_NAMES[unit.kind]})"
@@ -221,9 +221,9 @@ def from_recurrentgemma(
   if len(sources) != len(cells):
     raise ValueError(
       f"{_CONTEXT}: the source has {len(sources)} RGLRU/RecurrentBlock "
-      f"modules ({', '.join(_describe(s, True) for s in sources)}), params "
-      f"have {len(cells)} RGLRUCell/GriffinCell cells "
-      f"({', '.join(_describe(c, False) for c in cells) or 'none'})"
+      f"modules ({', '.join(_describe_unit(s, True) for s in sources)}), "
+      f"params have {len(cells)} RGLRUCell/GriffinCell cells "
+      f"({', '.join(_describe_unit(c, False) for c in cells) or 'none'})"
     )
   loaded = {
     module: dict(entry) if isinstance(entry, Mapping) else entry
@@ -232,8 +232,8 @@ def from_recurrentgemma(
   for index, (source, cell) in enumerate(zip(sources, cells, strict=True)):
     if source.kind != cell.kind:
       raise ValueError(
-        f"{_CONTEXT}: {_describe(cell, False)} is cell {index}, but the "
-        f"source's module there is {_describe(source, True)}, which needs "
+        f"{_CONTEXT}: {_describe_unit(cell, False)} is cell {index}, but the "
+        f"source's module there is {_describe_unit(source, True)}, which needs "
         f"an hk_rnn.{_KIND_NAMES[source.kind]}"
       )
     for part, arrays in source.entries.items():
@@ -242,8 +242,8 @@ def from_recurrentgemma(
         have = tuple(np.shape(target[key]))
         if have != value.shape:
           raise ValueError(
-            f"{_CONTEXT}: {_describe(cell, False)} does not match the "
-            f"source's {_describe(source, True)}: "
+            f"{_CONTEXT}: {_describe_unit(cell, False)} does not match the "
+            f"source's {_describe_unit(source, True)}: "
             f"'{cell.where}{part}' {key} has shape {have}, the source's "
             f"{value.shape}"
           )

@@ -1,4 +1,4 @@
-"""PyTorch's ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` into hk_rnn params, and back.
+"""PyTorch's ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` into hk_rnn params and back.
 
 ``from_torch`` reads a module or a state dict; ``to_torch`` writes params
 into a module. torch is imported only when a module is given.
