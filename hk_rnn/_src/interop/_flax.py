@@ -17,6 +17,7 @@ from hk_rnn._src.interop._matching import (
   is_sorted_tree,
   load_layers,
   one_bias,
+  params_collection,
   source_layer,
   two_biases,
 )
@@ -78,15 +79,7 @@ def from_flax(variables: Any, params: Params) -> dict[str, dict[str, Any]]:
     A new params dict with the cells' weights replaced (dtypes kept).
   """
   context = "from_flax"
-  if isinstance(variables, Mapping) and isinstance(
-    variables.get("params"), Mapping
-  ):
-    variables = variables["params"]
-  if not isinstance(variables, Mapping):
-    raise ValueError(
-      f"{context}: variables must be Flax variables or their params "
-      f"collection (a mapping), got {type(variables).__name__}"
-    )
+  variables = params_collection(variables, context, "Flax variables")
   found: list = []
   _flax_cells(variables, (), found)
   order = creation_order(

@@ -411,3 +411,19 @@ def is_sorted_tree(tree: Any) -> bool:
   return is_sorted([str(key) for key in tree]) and all(
     is_sorted_tree(child) for child in tree.values()
   )
+
+
+def params_collection(variables: Any, context: str, what: str) -> Mapping:
+  """The ``"params"`` collection of Flax ``variables``, or ``variables``
+  when it is that collection already; a ``ValueError`` naming ``what`` was
+  expected when it is no mapping."""
+  if isinstance(variables, Mapping) and isinstance(
+    variables.get("params"), Mapping
+  ):
+    variables = variables["params"]
+  if not isinstance(variables, Mapping):
+    raise ValueError(
+      f"{context}: variables must be {what} or their params collection (a "
+      f"mapping), got {type(variables).__name__}"
+    )
+  return variables

@@ -22,6 +22,7 @@ from hk_rnn._src.interop._matching import (
   creation_order,
   is_sorted,
   is_sorted_tree,
+  params_collection,
 )
 
 _CONTEXT = "from_recurrentgemma"
@@ -189,15 +190,9 @@ def from_recurrentgemma(
   Returns:
     A new params dict with those cells' weights replaced (dtypes kept).
   """
-  if isinstance(variables, Mapping) and isinstance(
-    variables.get("params"), Mapping
-  ):
-    variables = variables["params"]
-  if not isinstance(variables, Mapping):
-    raise ValueError(
-      f"{_CONTEXT}: variables must be recurrentgemma's Flax variables or "
-      f"their params collection (a mapping), got {type(variables).__name__}"
-    )
+  variables = params_collection(
+    variables, _CONTEXT, "recurrentgemma's Flax variables"
+  )
   if not isinstance(params, Mapping):
     raise ValueError(
       f"{_CONTEXT}: params must be an hk_rnn params dict (what init "
