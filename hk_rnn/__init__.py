@@ -19,6 +19,7 @@ from hk_rnn._src.cells import (
   LSTMCell,
   MGUCell,
   RNNCellBase,
+  SequenceSteps,
   SimpleCell,
 )
 from hk_rnn._src.cores import CellCore, CoreCell
@@ -62,6 +63,7 @@ __all__ = (
   "RGLRUCell",
   "RNNCellBase",
   "SLSTMCell",
+  "SequenceSteps",
   "SimpleCell",
   "StackedRNN",
   "explain",

@@ -19,7 +19,7 @@ arrays belong. Each call must
 
 and finish within `CALL_SECONDS`. Values are only checked when concrete: a
 malformed mask under `jit` or `vmap` is the caller's promise (see
-`hk_rnn/_src/sequences.py`), so there the call must merely not crash.
+`hk_rnn/_src/layout.py`), so there the call must merely not crash.
 
 Profiles (environment variable `HK_RNN_FUZZ_PROFILE`):
 - `ci` (default): a fixed, derandomized set of about 200 examples in all,

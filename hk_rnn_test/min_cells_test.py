@@ -97,22 +97,7 @@ def _model(kind, method="auto", fused=True, **rnn_options):
     )
 
   model = test_utils.transform(forward)
-
-  def loss(params, x, ids, h0, w_out, w_final):
-    final, outputs = model.apply(params, x, ids, h0)
-    return jnp.sum(w_out * outputs) + jnp.sum(w_final * final), (
-      final,
-      outputs,
-    )
-
-  @jax.jit
-  def run(params, x, ids, h0, w_out, w_final):
-    grads, (final, outputs) = jax.grad(loss, (0, 1, 3), has_aux=True)(
-      params, x, ids, h0, w_out, w_final
-    )
-    return final, outputs, grads
-
-  return model, run
+  return model, test_utils.weighted_sum_and_grads(model)
 
 
 def _setup(kind, ids, seed=0):
@@ -476,16 +461,10 @@ class StepCarriesTest(absltest.TestCase):
 
     def forward(x, h0, flag):
       cell = hk_rnn.MinLSTMCell(FEATURES)
-      return cell._fused_sequence(  # noqa: SLF001 - the hook itself
-        jnp.swapaxes(x, 0, 1),
-        h0,
-        1,
-        reset_carry=h0,
-        valid=valid,
-        reset=reset,
-        recurrent_mask=None,
-        **({"return_step_carries": True} if flag else {}),
+      steps = hk_rnn.SequenceSteps(
+        valid=valid, reset=reset, reset_carry=h0, return_step_carries=flag
       )
+      return cell.fused_sequence(jnp.swapaxes(x, 0, 1), h0, steps)
 
     model = test_utils.transform(forward)
     h0 = _weights((4, FEATURES), 8)

@@ -456,6 +456,92 @@ class CustomCellTest(absltest.TestCase):
     )
 
 
+class FusedSequenceHookTest(absltest.TestCase):
+  """RNN hands a user cell's ``fused_sequence`` the masks, and uses it."""
+
+  def _cell_and_calls(self):
+    calls = []
+
+    class CumulativeSum(hk_rnn.RNNCellBase):
+      def __call__(self, carry, inputs):
+        return carry + inputs, carry + inputs
+
+      def initialize_carry(self, sample_inputs, rng=None):
+        return jnp.zeros_like(sample_inputs)
+
+      def fused_sequence(self, inputs, initial_carry, steps):
+        calls.append(steps)
+        if steps.reset is not None:
+          return None  # leaves packed rows to the step loop
+        total = initial_carry + jnp.cumsum(inputs, axis=0)
+        # Offset by 1 so that the test can tell this form from stepping.
+        outputs = jnp.where(steps.valid[..., None], total + 1.0, 0.0)
+        return initial_carry + inputs.sum(0), outputs
+
+    return CumulativeSum, calls
+
+  def _run(self, cell_type, x, mask=None, **options):
+    def forward(x, mask):
+      return hk_rnn.RNN(cell_type(), unroll=2)(x, mask, **options)
+
+    return hk.transform(forward).apply({}, None, x, mask)
+
+  def test_padded_rows_run_in_the_cells_form(self):
+    cell_type, calls = self._cell_and_calls()
+    lengths = jnp.asarray(LENGTHS)
+    carry, outputs = self._run(cell_type, _inputs(), seq_lengths=lengths)
+    (steps,) = calls
+    np.testing.assert_array_equal(steps.valid, PADDED_IDS.T != 0)
+    self.assertIsNone(steps.reset)
+    self.assertIsNone(steps.segment_starts)
+    self.assertEqual(steps.unroll, 2)
+    self.assertFalse(steps.return_step_carries)
+    x = np.asarray(_inputs())
+    expected = np.cumsum(x, axis=1) + 1.0
+    expected[PADDED_IDS == 0] = 0
+    np.testing.assert_allclose(outputs, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+      carry, (x * (PADDED_IDS != 0)[..., None]).sum(1), rtol=1e-6
+    )
+    lines = hk_rnn.explain(
+      lambda x, lengths: self._run(cell_type, x, seq_lengths=lengths),
+      _inputs(),
+      lengths,
+    )
+    self.assertEqual(
+      lines,
+      [
+        "rnn (CumulativeSum 'cumulative_sum'): the cell's own "
+        "whole-sequence form (xla)"
+      ],
+    )
+
+  def test_none_falls_back_to_stepping_with_the_steps_rnn_computed(self):
+    cell_type, calls = self._cell_and_calls()
+    ids = jnp.asarray(PACKED_IDS)
+    carry, outputs = self._run(cell_type, _inputs(), ids, max_segments=3)
+    (steps,) = calls
+    starts = np.zeros_like(PACKED_IDS, bool)
+    starts[:, 0] = True
+    starts[:, 1:] = PACKED_IDS[:, 1:] != PACKED_IDS[:, :-1]
+    np.testing.assert_array_equal(steps.reset, (starts & (PACKED_IDS != 0)).T)
+    self.assertTrue(steps.return_step_carries)
+    x = np.asarray(_inputs())
+    # Row 1 packs [2, 2 | 5 | 7, 7]: stepped, each segment sums from zero.
+    np.testing.assert_allclose(outputs[1, 3], x[1, 3], rtol=1e-6)
+    np.testing.assert_allclose(carry[1, 2], x[1, 3] + x[1, 4], rtol=1e-6)
+    lines = hk_rnn.explain(
+      lambda x, ids: self._run(cell_type, x, ids), _inputs(), ids
+    )
+    self.assertEqual(
+      lines,
+      [
+        "rnn (CumulativeSum 'cumulative_sum'): step scan (the cell "
+        "has no whole-sequence kernel)"
+      ],
+    )
+
+
 class RNNRematTest(parameterized.TestCase):
   """Rematerialisation changes memory, never values or gradients."""
 

@@ -6,7 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import hk_rnn
-from hk_rnn._src import sequences
+from hk_rnn._src import layout, sequences
 from hk_rnn_test import test_utils
 
 
@@ -110,13 +110,11 @@ class FlipSequencesTest(parameterized.TestCase):
 
 class SegmentIdsTest(absltest.TestCase):
   def test_lengths_become_one_segment(self):
-    ids = sequences.segment_ids(
+    ids = layout.segment_ids(
       None,
       jnp.array([0, 2, 3]),
-      batch_shape=(3,),
-      time=3,
-      time_major=False,
-      context="test",
+      layout.Layout((3,), 3, time_major=False),
+      "test",
     )
     np.testing.assert_array_equal(ids, [[0, 0, 0], [1, 1, 0], [1, 1, 1]])
 
@@ -128,7 +126,7 @@ class SegmentIdsTest(absltest.TestCase):
     )
 
   def test_packing_is_detected_only_with_several_segments(self):
-    packed = sequences.has_packed_rows
+    packed = layout.has_packed_rows
     self.assertFalse(packed(jnp.array([[1, 1, 0], [2, 2, 2]]), axis=1))
     self.assertTrue(packed(jnp.array([[1, 2, 0]]), axis=1))
     self.assertTrue(packed(jnp.array([[1], [2], [0]]), axis=0))
@@ -137,14 +135,11 @@ class SegmentIdsTest(absltest.TestCase):
 
 
 def _ids(mask, batch_shape, time, time_major=False, feature_shape=(4,)):
-  return sequences.segment_ids(
+  return layout.segment_ids(
     mask,
     None,
-    batch_shape=batch_shape,
-    time=time,
-    time_major=time_major,
-    context="RNN",
-    feature_shape=feature_shape,
+    layout.Layout(batch_shape, time, feature_shape, time_major=time_major),
+    "RNN",
   )
 
 
@@ -220,14 +215,11 @@ class MaskErrorMessagesTest(parameterized.TestCase):
       r"^RNN: seq_lengths must have shape \(\*batch,\) = \(\), got \(2,\)"
       + hint,
     ):
-      sequences.segment_ids(
+      layout.segment_ids(
         None,
         np.array([5, 3]),
-        batch_shape=(),
-        time=time,
-        time_major=time_major,
-        context="RNN",
-        feature_shape=(feature,),
+        layout.Layout((), time, (feature,), time_major=time_major),
+        "RNN",
       )
     # A shape that fits no reading gets no hint.
     with self.assertRaisesRegex(ValueError, r"got \(3, 6\)$"):

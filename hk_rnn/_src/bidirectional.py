@@ -9,8 +9,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from hk_rnn._src import layout
 from hk_rnn._src import rnn as rnn_lib
-from hk_rnn._src import sequences
 
 Array = jax.Array
 
@@ -147,67 +147,69 @@ class Bidirectional(hk.Module):
     """
     return_carry = self.return_carry if return_carry is None else return_carry
     time_major = self.time_major if time_major is None else time_major
+    batch = layout.parse(
+      inputs,
+      segmentation_mask,
+      seq_lengths,
+      num_feature_axes=self.forward_rnn.cell.num_feature_axes,
+      time_major=time_major,
+      max_segments=max_segments,
+      context="Bidirectional",
+    )
+    backward_axes = self.backward_rnn.cell.num_feature_axes
+    if backward_axes != self.forward_rnn.cell.num_feature_axes:
+      layout.Layout.of(inputs, backward_axes, time_major, "Bidirectional")
+    carries, outputs = self.call_parsed(
+      inputs, batch, initial_carry=initial_carry, is_training=is_training
+    )
+    return (carries, outputs) if return_carry else outputs
+
+  def call_parsed(
+    self,
+    inputs: Array,
+    batch: layout.Batch,
+    *,
+    initial_carry: tuple[Any, Any] | None = None,
+    is_training: bool = False,
+  ) -> tuple[tuple[Any, Any], Any]:
+    """Runs both directions over a batch parsed already.
+
+    As :meth:`RNN.call_parsed`: the entry point for ``StackedRNN``.
+    Returns ``((forward_carry, backward_carry), outputs)``.
+    """
     forward_carry = backward_carry = None
     if initial_carry is not None:
       if (
         not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2
       ):
-        raise rnn_lib.InitialCarryMismatch(
+        raise layout.InitialCarryMismatch(
           "Bidirectional: initial_carry must be one (forward, backward) "
           "pair, a carry for each direction's RNN; got "
-          + rnn_lib.describe_carry(initial_carry)
+          + layout.describe_carry(initial_carry)
         )
       forward_carry, backward_carry = initial_carry
-    # Check the mask here too, so that errors name this module.
-    for rnn in (self.forward_rnn, self.backward_rnn):
-      layout = rnn_lib.Layout.of(
-        inputs, rnn.cell.num_feature_axes, time_major, "Bidirectional"
-      )
-    ids = sequences.segment_ids(
-      segmentation_mask,
-      seq_lengths,
-      batch_shape=layout.batch_shape,
-      time=layout.time,
-      time_major=time_major,
-      context="Bidirectional",
-      feature_shape=layout.feature_shape,
-    )
-    max_segments = sequences.check_max_segments(max_segments, "Bidirectional")
-    if max_segments is not None and segmentation_mask is not None:
-      sequences.check_segment_count(
-        ids, max_segments, time_major=time_major, context="Bidirectional"
-      )
-    options = dict(
-      seq_lengths=seq_lengths,
-      return_carry=True,
-      time_major=time_major,
-      is_training=is_training,
-      max_segments=max_segments,
-    )
     pair = "initial_carry is one (forward, backward) pair"
-    with rnn_lib.initial_carry_context(
+    with layout.initial_carry_context(
       "Bidirectional", f"{pair}; its forward carry does not fit forward_rnn"
     ):
-      forward_carry, forward_outputs = self.forward_rnn(
+      forward_carry, forward_outputs = self.forward_rnn.call_parsed(
         inputs,
-        segmentation_mask,
+        batch,
         initial_carry=forward_carry,
         reverse=False,
         keep_order=False,
-        **options,
+        is_training=is_training,
       )
-    with rnn_lib.initial_carry_context(
+    with layout.initial_carry_context(
       "Bidirectional", f"{pair}; its backward carry does not fit backward_rnn"
     ):
-      backward_carry, backward_outputs = self.backward_rnn(
+      backward_carry, backward_outputs = self.backward_rnn.call_parsed(
         inputs,
-        segmentation_mask,
+        batch,
         initial_carry=backward_carry,
         reverse=True,
         keep_order=True,
-        **options,
+        is_training=is_training,
       )
     outputs = self.merge_fn(forward_outputs, backward_outputs)
-    if not return_carry:
-      return outputs
     return (forward_carry, backward_carry), outputs

@@ -8,6 +8,7 @@ scans any cell over a sequence.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,41 @@ from hk_rnn._src.kernels import dispatch
 Array = jax.Array
 Carry = Any
 Initializer = Callable[[Sequence[int], Any], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSteps:
+  """What ``RNN`` hands a cell's :meth:`RNNCellBase.fused_sequence`.
+
+  Every array is time-major with one batch axis, like the inputs it goes
+  with, ``(time, batch, *features)``.
+
+  Attributes:
+    valid: bool ``(time, batch)``, False at padded steps; None: every step
+      is valid. A padded step must keep the carry and output zeros.
+    reset: bool ``(time, batch)``, True where a packed row's next segment
+      starts: the carry restarts from ``reset_carry`` before that step;
+      None: never.
+    reset_carry: the carry a segment restarts from, shaped like the initial
+      carry; None: the initial carry. They differ when streaming.
+    recurrent_mask: the recurrent dropout mask, as ``__call__`` takes it;
+      None without dropout.
+    segment_starts: bool ``(time, batch)``, True at the first step of every
+      segment (a row's first step included unless it continues a streamed
+      carry); only for cells whose ``takes_segment_starts`` is True, else
+      None.
+    unroll: the ``unroll`` the user gave ``RNN``, for kernels that scan.
+    return_step_carries: also return the carry after every step (``RNN``
+      asks for it to return per-segment carries of packed rows).
+  """
+
+  valid: Array | None = None
+  reset: Array | None = None
+  reset_carry: Carry = None
+  recurrent_mask: Array | None = None
+  segment_starts: Array | None = None
+  unroll: int = 1
+  return_step_carries: bool = False
 
 
 class RNNCellBase(hk.Module, abc.ABC):
@@ -56,7 +92,7 @@ class RNNCellBase(hk.Module, abc.ABC):
     Such a cell (``RGLRUCell``, ``GriffinCell``) accepts a
     ``segment_start`` keyword in ``__call__``, bool ``(*batch,)``, True where
     the step is the first of a sequence (segment); ``RNN`` passes it at every
-    step, and ``segment_starts (time, batch)`` to ``_fused_sequence``. A
+    step, and ``segment_starts (time, batch)`` to :meth:`fused_sequence`. A
     step called without it is not a first step.
     """
     return False
@@ -72,27 +108,66 @@ class RNNCellBase(hk.Module, abc.ABC):
     del sample_inputs, rng
     return dropout.DropoutMasks(None, None)
 
-  def _fused_sequence(
-    self, inputs: Array, initial_carry: Carry, unroll: int, **sequence: Any
-  ) -> tuple[Carry, Any] | None:
-    """A whole-sequence kernel, or ``None`` where the cell has none.
+  def fused_sequence(
+    self, inputs: Array, initial_carry: Carry, steps: SequenceSteps
+  ) -> tuple[Carry, Any] | tuple[Carry, Any, Carry] | None:
+    """The cell over a whole sequence at once, or ``None`` to be stepped.
 
-    ``inputs`` is time-major with one batch axis, ``(time, batch, *features)``.
-    ``sequence`` holds what the kernels in :mod:`hk_rnn._src.kernels` take by keyword, as
-    ``RNN`` computes it: ``valid`` and ``reset``, ``(time, batch)`` bools;
-    ``reset_carry``, the carry a row restarts from where ``reset``;
-    ``recurrent_mask``; ``segment_starts`` (``(time, batch)`` bools, True at
-    the first step of every segment, the row's first step included unless
-    it continues a streamed carry), only for cells whose
-    ``takes_segment_starts`` is True; and, only when ``RNN`` needs per-segment carries
-    (``max_segments`` over packed rows), ``return_step_carries=True``.
-    Returns ``(final_carry, outputs)`` exactly as the masked step loop
-    would, and with ``return_step_carries`` also the carry after every
-    step, leaves ``(time, batch, ...)`` (their values at padded steps are
-    never read).
+    ``RNN(..., fused=True)`` (the default) calls this before stepping the
+    cell; a cell that can compute a whole sequence faster (a fused kernel, a
+    parallel scan) returns ``(final_carry, outputs)``, exactly what stepping
+    it under ``RNN``'s masking would give: a padded step keeps the carry and
+    outputs zeros, a ``steps.reset`` step restarts from
+    ``steps.reset_carry``, ``final_carry`` is the carry after each row's last
+    valid step. With ``steps.return_step_carries`` it returns
+    ``(final_carry, outputs, step_carries)``, the carry after every step,
+    leaves ``(time, batch, ...)`` (their values at padded steps are never
+    read). Returning ``None`` (the default, and right for any case it does
+    not handle) makes ``RNN`` step the cell. ``RNN`` has zeroed the inputs
+    at padded steps and flipped each segment for ``reverse`` already; the
+    parameters must be the ones ``__call__`` creates.
+
+    ``inputs`` is ``(time, batch, *features)``; ``initial_carry`` has one
+    batch axis; ``steps`` is a :class:`SequenceSteps`.
+
+    >>> import haiku as hk, jax, jax.numpy as jnp, hk_rnn
+    >>> class RunningSum(hk_rnn.RNNCellBase):
+    ...   # h' = h + x; over a sequence, a cumulative sum.
+    ...   def __call__(self, carry, inputs):
+    ...     return carry + inputs, carry + inputs
+    ...   def initialize_carry(self, sample_inputs, rng=None):
+    ...     return jnp.zeros_like(sample_inputs)
+    ...   def fused_sequence(self, inputs, initial_carry, steps):
+    ...     if steps.reset is not None or steps.return_step_carries:
+    ...       return None                   # packed rows: step the cell
+    ...     h = initial_carry + jnp.cumsum(inputs, axis=0)  # padding is 0
+    ...     if steps.valid is not None:
+    ...       h = jnp.where(steps.valid[..., None], h, 0)
+    ...     return initial_carry + inputs.sum(0), h
+    >>> def run(x, lengths, fused):
+    ...   return hk_rnn.RNN(RunningSum(), fused=fused)(x, seq_lengths=lengths)
+    >>> run = hk.transform(run)
+    >>> x, lengths = jnp.ones((2, 4, 3)), jnp.array([4, 2])
+    >>> fused, stepped = (run.apply({}, None, x, lengths, f) for f in (True, False))
+    >>> jax.tree.all(jax.tree.map(jnp.array_equal, fused, stepped))
+    True
+    >>> fused[0][:, 0]                        # each row's final carry
+    Array([4., 2.], dtype=float32)
     """
-    del inputs, initial_carry, unroll, sequence
+    del inputs, initial_carry, steps
     return None
+
+
+def _kernel_options(steps: SequenceSteps) -> dict[str, Any]:
+  """``steps`` as the keywords of the ``dispatch`` sequence kernels."""
+  return dict(
+    valid=steps.valid,
+    reset=steps.reset,
+    reset_carry=steps.reset_carry,
+    recurrent_mask=steps.recurrent_mask,
+    unroll=steps.unroll,
+    return_step_carries=steps.return_step_carries,
+  )
 
 
 def check_features(features: Any, context: str) -> int:
@@ -127,12 +202,12 @@ def _ones_then_zeros(shape, dtype):
   )
 
 
-_LECUN_NORMAL = hk.initializers.VarianceScaling(
+LECUN_NORMAL = hk.initializers.VarianceScaling(
   1.0, "fan_in", "truncated_normal"
 )
 
 
-class _GatedCell(RNNCellBase):
+class GatedCell(RNNCellBase):
   """What the built-in cells share: options, parameters, carry, dropout.
 
   Subclasses set ``_num_blocks`` (gate blocks in the weight matrices) and
@@ -164,7 +239,7 @@ class _GatedCell(RNNCellBase):
     self.features = check_features(features, context)
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
-    self.w_i_init = w_i_init or _LECUN_NORMAL
+    self.w_i_init = w_i_init or LECUN_NORMAL
     self.w_h_init = w_h_init or _orthogonal_per_block(self._num_blocks)
     self.b_init = b_init or jnp.zeros
     self.carry_init = carry_init
@@ -279,7 +354,7 @@ def _masked(h: Array, recurrent_mask: Array | None) -> Array:
   return h if recurrent_mask is None else h * recurrent_mask
 
 
-def _lstm_update(cell: _GatedCell, z: Array, c: Array):
+def _lstm_update(cell: GatedCell, z: Array, c: Array):
   """The LSTM's gates from pre-activations ``z = [z_i, z_f, z_g, z_o]``."""
   i, f, g, o = jnp.split(z, 4, axis=-1)
   new_c = cell.gate_fn(f) * c + cell.gate_fn(i) * cell.activation_fn(g)
@@ -287,7 +362,7 @@ def _lstm_update(cell: _GatedCell, z: Array, c: Array):
   return (new_c, new_h), new_h
 
 
-class LSTMCell(_GatedCell):
+class LSTMCell(GatedCell):
   r"""Long short-term memory cell (Hochreiter & Schmidhuber, 1997).
 
   .. math::
@@ -346,8 +421,8 @@ class LSTMCell(_GatedCell):
     z = inputs.astype(dtype) @ w_i + _masked(h, recurrent_mask) @ w_h + b
     return _lstm_update(self, z, c)
 
-  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
-    """The whole sequence in :func:`dispatch.lstm_sequence` (σ/tanh only)."""
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence in the fused LSTM kernel (σ/tanh only)."""
     if not self._has_default_activations():
       return None
     # Same parameters, created in the same order, as ``__call__``'s; passed
@@ -360,19 +435,16 @@ class LSTMCell(_GatedCell):
       w_h,
       b,
       tuple(initial_carry),
-      unroll=unroll,
-      **sequence,
+      **_kernel_options(steps),
     )
 
 
-class _TwoBiasCell(_GatedCell):
+class _TwoBiasCell(GatedCell):
   """Base of the cells that keep the biases ``b_i`` and ``b_h`` apart.
 
   In the GRU and the MGU a gate multiplies the recurrent term before it joins
-  the input term. Subclasses name their fused kernel in ``_kernel_name``.
+  the input term.
   """
-
-  _kernel_name: str
 
   def _input_bias_init(self) -> Initializer:
     return self.b_init
@@ -395,18 +467,16 @@ class _TwoBiasCell(_GatedCell):
       jnp.split(from_hidden, self._num_blocks, axis=-1),
     )
 
-  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
-    """The whole sequence in the cell's fused kernel (σ/tanh only)."""
+  def _two_bias_sequence(self, kernel, inputs, initial_carry, steps):
+    """The whole sequence in ``kernel``, a ``dispatch`` one (σ/tanh only)."""
     if not self._has_default_activations():
       return None
-    kernel = getattr(dispatch, self._kernel_name)
     return kernel(
       inputs.astype(self._compute_dtype(inputs.dtype)),
       *self._dense_weights(inputs.shape[-1], None),
       *self._biases(),
       initial_carry,
-      unroll=unroll,
-      **sequence,
+      **_kernel_options(steps),
     )
 
 
@@ -431,7 +501,6 @@ class GRUCell(_TwoBiasCell):
 
   _num_blocks = 3
   _carry_size = 1
-  _kernel_name = "gru_sequence"
 
   def __call__(
     self, carry: Array, inputs: Array, *, recurrent_mask: Array | None = None
@@ -447,8 +516,14 @@ class GRUCell(_TwoBiasCell):
     new_h = (1.0 - z) * n + z * h
     return new_h, new_h
 
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence in the fused GRU kernel (σ/tanh only)."""
+    return self._two_bias_sequence(
+      dispatch.gru_sequence, inputs, initial_carry, steps
+    )
 
-class SimpleCell(_GatedCell):
+
+class SimpleCell(GatedCell):
   r"""Elman RNN cell: :math:`h' = \tanh(x W_i + h W_h + b)`.
 
   Parameters: ``w_i (in, F)``, ``w_h (F, F)``, ``b (F,)``. The carry is
@@ -473,8 +548,8 @@ class SimpleCell(_GatedCell):
   def _has_default_activations(self) -> bool:
     return self.activation_fn is jnp.tanh  # gate_fn is unused here
 
-  def _fused_sequence(self, inputs, initial_carry, unroll, **sequence):
-    """The whole sequence in :func:`dispatch.simple_sequence` (tanh only)."""
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence in the fused Elman kernel (tanh only)."""
     if not self._has_default_activations():
       return None
     w_i, w_h = self._dense_weights(inputs.shape[-1], None)
@@ -485,8 +560,7 @@ class SimpleCell(_GatedCell):
       w_h,
       b,
       initial_carry,
-      unroll=unroll,
-      **sequence,
+      **_kernel_options(steps),
     )
 
 
@@ -508,7 +582,6 @@ class MGUCell(_TwoBiasCell):
 
   _num_blocks = 2
   _carry_size = 1
-  _kernel_name = "mgu_sequence"
 
   def __init__(
     self, features: int, *, b_i_init: Initializer | None = None, **options
@@ -530,11 +603,17 @@ class MGUCell(_TwoBiasCell):
     new_h = (1.0 - f) * n + f * h
     return new_h, new_h
 
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence in the fused MGU kernel (σ/tanh only)."""
+    return self._two_bias_sequence(
+      dispatch.mgu_sequence, inputs, initial_carry, steps
+    )
+
 
 _CONV_DIMENSIONS = {1: "W", 2: "HW", 3: "DHW"}
 
 
-class ConvLSTMCell(_GatedCell):
+class ConvLSTMCell(GatedCell):
   r"""Convolutional LSTM (Shi et al., 2015): an LSTM whose matmuls are convs.
 
   .. math::
@@ -566,7 +645,7 @@ class ConvLSTMCell(_GatedCell):
   _carry_size = 2
 
   def __init__(self, features: int, kernel_shape: Sequence[int], **options):
-    options.setdefault("w_h_init", _LECUN_NORMAL)
+    options.setdefault("w_h_init", LECUN_NORMAL)
     super().__init__(features, **options)
     kernel_shape = tuple(int(k) for k in kernel_shape)
     if len(kernel_shape) not in _CONV_DIMENSIONS or min(kernel_shape) <= 0:

@@ -20,21 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hk_rnn._src import cells as cells_lib
-from hk_rnn._src import sequences
+from hk_rnn._src import checks
 
 Array = jax.Array
-
-
-def _positive_int(value: Any, argument: str, context: str) -> int:
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, (int, np.integer))
-    or value <= 0
-  ):
-    raise ValueError(
-      f"{context}: {argument} must be a positive int, got {value!r}"
-    )
-  return int(value)
 
 
 class CoreCell(cells_lib.RNNCellBase):
@@ -86,7 +74,7 @@ class CoreCell(cells_lib.RNNCellBase):
         f"CoreCell: core must be an hk.RNNCore, got {type(core).__name__}"
       )
     self.core = core
-    self._num_feature_axes = _positive_int(
+    self._num_feature_axes = checks.positive_int(
       num_feature_axes, "num_feature_axes", "CoreCell"
     )
 
@@ -95,7 +83,7 @@ class CoreCell(cells_lib.RNNCellBase):
     return self._num_feature_axes
 
   def _batch_shape(self, inputs: Array, argument: str) -> tuple[int, ...]:
-    inputs = sequences.as_array(inputs, "CoreCell", argument)
+    inputs = checks.as_array(inputs, "CoreCell", argument)
     if np.ndim(inputs) < self._num_feature_axes:
       raise ValueError(
         f"CoreCell: {argument} must have at least {self._num_feature_axes} "
@@ -129,7 +117,7 @@ class CoreCell(cells_lib.RNNCellBase):
 
   def __call__(self, carry: Any, inputs: Array) -> tuple[Any, Any]:
     """One step: ``inputs (*batch, *features)``, returns ``(state, outputs)``."""
-    inputs = sequences.as_array(inputs, "CoreCell", "inputs")
+    inputs = checks.as_array(inputs, "CoreCell", "inputs")
     batch_shape = self._batch_shape(inputs, "inputs")
     size = math.prod(batch_shape)
     rank = len(batch_shape)
@@ -208,14 +196,14 @@ class CellCore(hk.RNNCore):
       ):
         raise ValueError(
           f"CellCore: input_shape must hold {axes} positive sizes for "
-          f"{type(cell).__name__}, got {sequences.abbreviate(given)}"
+          f"{type(cell).__name__}, got {checks.abbreviate(given)}"
         )
     self.cell = cell
     self.input_shape = tuple(int(size) for size in input_shape)
 
   def __call__(self, inputs: Array, prev_state: Any) -> tuple[Any, Any]:
     """One step: returns ``(outputs, next_state)``, Haiku's order."""
-    inputs = sequences.as_array(inputs, "CellCore", "inputs")
+    inputs = checks.as_array(inputs, "CellCore", "inputs")
     if inputs.ndim < self.cell.num_feature_axes:
       raise ValueError(
         f"CellCore: inputs must have {self.cell.num_feature_axes} feature "
@@ -255,7 +243,7 @@ class CellCore(hk.RNNCore):
     ):
       raise ValueError(
         "CellCore: initial_state's batch_size must be an int >= 0 or None, "
-        f"got {sequences.abbreviate(batch_size)}"
+        f"got {checks.abbreviate(batch_size)}"
       )
     batch = () if batch_size is None else (int(batch_size),)
     dtype = getattr(self.cell, "dtype", None) or jnp.float32

@@ -12,6 +12,7 @@ Both compute what google-deepmind/recurrentgemma's JAX modules (``RGLRU``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from hk_rnn._src import min_cells
+from hk_rnn._src import cells, min_cells
 
 Array = jax.Array
 Initializer = Callable[[Sequence[int], Any], Array]
@@ -455,31 +456,24 @@ class GriffinCell(min_cells.ParallelCellBase):
     new_h, lru_output = self.rg_lru(h, v, segment_start=segment_start)
     return (window[..., 1:, :], new_h), self._output(lru_output, y, dtype)
 
-  def _fused_sequence(
+  def fused_sequence(
     self,
     inputs: Array,
     initial_carry: tuple[Array, Array],
-    unroll: int,
-    *,
-    reset_carry: tuple[Array, Array] | None = None,
-    valid: Array | None = None,
-    reset: Array | None = None,
-    recurrent_mask: Array | None = None,
-    segment_starts: Array | None = None,
-    return_step_carries: bool = False,
+    steps: cells.SequenceSteps,
   ):
     """Dense layers over all steps, the masked convolution, one scan.
 
-    ``inputs (T, B, in)``, ``valid``/``reset``/``segment_starts``
-    ``(T, B)``; returns what the masked step loop would.
+    ``inputs (T, B, in)``; returns what the masked step loop would. There
+    is never a recurrent mask (``recurrent_dropout_rate`` is 0).
     """
-    del recurrent_mask  # never sampled: recurrent_dropout_rate is 0
+    valid, reset = steps.valid, steps.reset
     time, batch = inputs.shape[:2]
     if not time:
       return None  # the step loop handles an empty sequence
     initial_history, initial_h = initial_carry
     reset_history, reset_h = (
-      initial_carry if reset_carry is None else reset_carry
+      initial_carry if steps.reset_carry is None else steps.reset_carry
     )
     y, u, dtype = self._branches(inputs)
     w, b = self.conv_1d(dtype)
@@ -489,15 +483,8 @@ class GriffinCell(min_cells.ParallelCellBase):
     v = b + sum(
       w[self.conv_width - 1 - lag] * tap for lag, tap in enumerate(taps)
     )
-    lru = self.rg_lru._fused_sequence(  # noqa: SLF001 - the cell's own kernel
-      v,
-      initial_h,
-      unroll,
-      reset_carry=reset_h,
-      valid=valid,
-      reset=reset,
-      segment_starts=segment_starts,
-      return_step_carries=return_step_carries,
+    lru = self.rg_lru.fused_sequence(
+      v, initial_h, dataclasses.replace(steps, reset_carry=reset_h)
     )
     final_h, lru_outputs = lru[:2]
     outputs = self._output(lru_outputs, y, dtype)
@@ -518,7 +505,7 @@ class GriffinCell(min_cells.ParallelCellBase):
         (count > 0)[:, None, None], final_history, initial_history.astype(dtype)
       )
     final = (final_history.astype(initial_history.dtype), final_h)
-    if not return_step_carries:
+    if not steps.return_step_carries:
       return final, outputs
     histories = jnp.stack(taps[-2::-1], axis=-2).reshape(
       (time, *initial_history.shape)

@@ -260,40 +260,33 @@ class LinearRecurrentCell(ParallelCellBase):
     with hk.with_rng(rng):
       return jnp.asarray(self.carry_init(shape, dtype), dtype)
 
-  def _fused_sequence(
+  def fused_sequence(
     self,
     inputs: Array,
     initial_carry: Array,
-    unroll: int,
-    *,
-    reset_carry: Array | None = None,
-    valid: Array | None = None,
-    reset: Array | None = None,
-    recurrent_mask: Array | None = None,
-    segment_starts: Array | None = None,
-    return_step_carries: bool = False,
+    steps: cells.SequenceSteps,
   ):
     """The whole sequence as one linear recurrence (see the class docstring).
 
-    ``inputs (T, B, in)``, ``valid``/``reset``/``segment_starts``
-    ``(T, B)``; returns ``(final_carry, outputs)`` as the masked step loop
-    would, and with ``return_step_carries`` also the carry after every
-    step, ``(T, B, F)``.
+    ``inputs (T, B, in)``; returns ``(final_carry, outputs)`` as the masked
+    step loop would, and with ``steps.return_step_carries`` also the carry
+    after every step, ``(T, B, F)``. There is never a recurrent mask
+    (``recurrent_dropout_rate`` is 0).
     """
-    del recurrent_mask  # never sampled: recurrent_dropout_rate is 0
-    a, b, dtype = self._coefficients(inputs, segment_starts)
+    valid = steps.valid
+    a, b, dtype = self._coefficients(inputs, steps.segment_starts)
     initial = initial_carry.astype(a.dtype)
-    reset_carry = initial if reset_carry is None else reset_carry
+    reset_carry = initial if steps.reset_carry is None else steps.reset_carry
     a, b = linear_scan.mask_coefficients(
-      a, b, reset=reset, reset_carry=reset_carry
+      a, b, reset=steps.reset, reset_carry=reset_carry
     )
     h, final = linear_scan.masked_linear_recurrence(
-      a, b, initial, valid, method=self.scan_method, unroll=unroll
+      a, b, initial, valid, method=self.scan_method, unroll=steps.unroll
     )
     outputs = self._readout(h, inputs.astype(dtype), dtype)
     if self._readout_needs_mask and valid is not None:
       outputs = jnp.where(valid[..., None], outputs, jnp.zeros((), dtype))
-    if return_step_carries:
+    if steps.return_step_carries:
       # `h` is the carry at every valid step; padded steps' carries are
       # unspecified.
       return final, outputs, h
@@ -371,7 +364,7 @@ class MinGRUCell(LinearRecurrentCell):
       )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
-    self.w_i_init = w_i_init or cells._LECUN_NORMAL  # noqa: SLF001
+    self.w_i_init = w_i_init or cells.LECUN_NORMAL
     self.b_init = b_init or jnp.zeros
 
   def _projection(self, inputs: Array) -> list[Array]:

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hk_rnn._src import checks
+
+_PACK = "pack_sequences"
 Array = jax.Array
 PyTree = Any
 
@@ -86,21 +89,6 @@ class PackedSequences:
       f"fill={self.fill:.1%}, inputs {self.inputs.dtype}"
       f"{tuple(self.inputs.shape)})"
     )
-
-
-def _positive_int(value: Any, argument: str, allow_none: bool) -> int | None:
-  if value is None and allow_none:
-    return None
-  if (
-    isinstance(value, (bool, np.bool_))
-    or not isinstance(value, (int, np.integer))
-    or value < 1
-  ):
-    expected = "a positive int or None" if allow_none else "a positive int"
-    raise ValueError(
-      f"pack_sequences: {argument} must be {expected}, got {value!r}"
-    )
-  return int(value)
 
 
 def _check_sequences(sequences: Any, row_length: int) -> list[np.ndarray]:
@@ -292,9 +280,11 @@ def pack_sequences(
       that are not positive ints, and sequences that do not fit in
       ``num_rows`` rows.
   """
-  row_length = _positive_int(row_length, "row_length", allow_none=False)
-  num_rows = _positive_int(num_rows, "num_rows", allow_none=True)
-  max_segments = _positive_int(max_segments, "max_segments", allow_none=True)
+  row_length = checks.positive_int(row_length, "row_length", _PACK)
+  num_rows = checks.positive_int(num_rows, "num_rows", _PACK, allow_none=True)
+  max_segments = checks.positive_int(
+    max_segments, "max_segments", _PACK, allow_none=True
+  )
   arrays = _check_sequences(sequences, row_length)
   lengths = np.array([array.shape[0] for array in arrays], np.int64)
   rows, starts, slots, room, segments = _first_fit_decreasing(

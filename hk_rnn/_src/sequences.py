@@ -1,285 +1,25 @@
-"""Pure functions on sequence layouts: masks, lengths, segments and flips.
+"""Pure functions on segment ids: segment starts and ends, and flips.
 
-Every mask-aware piece of hk_rnn goes through this module. A batch of
-sequences is described by *segment ids*, an integer array laid out like the
-inputs without their feature axes: ``0`` marks padding, a non-zero value is
-the id of the sequence (segment) a step belongs to::
-
-    one sequence per row      [1, 1, 1, 0, 0]
-    packed row                [1, 1, 1, 2, 2, 0, 0]
-    seq_lengths=[3]  ==       [1, 1, 1, 0, 0]
-
-Padding only ever sits at the end of a row, ids never decrease along a row
-and each segment is contiguous. These invariants are checked whenever the
-mask or lengths are concrete (outside ``jit``, and held whole by this
-process); traced values and global arrays spread over several processes
-cannot be inspected here, so for them they are the caller's promise.
+Segment ids describe a batch of sequences (see :mod:`hk_rnn._src.layout`,
+which parses them from a mask or lengths): ``0`` marks padding, a non-zero
+value the sequence (segment) a step belongs to. The functions here compute
+what the scan needs from them, and the two public ones, ``flip_sequences``
+and ``last_segment_ids``, parse their own mask first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hk_rnn._src import checks
+from hk_rnn._src import layout as layout_lib
+
 Array = jax.Array
 PyTree = Any
-
-
-def is_concrete(value: Any) -> bool:
-  """Whether ``value``'s contents can be read on this host now.
-
-  Not for a tracer (under ``jit``, ``vmap``, ``grad``), nor for a global
-  ``jax.Array`` of a multi-process run whose shards sit partly on other
-  processes' devices: fetching it would fail, and checking only the local
-  shards would let one process raise while the others wait for it in a
-  collective. Both are checked as traced values are: shapes and dtypes only.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return False
-  return not isinstance(value, jax.Array) or value.is_fully_addressable
-
-
-def _describe(shape: Sequence[int]) -> str:
-  return str(tuple(int(d) for d in shape))
-
-
-def segment_ids(
-  segmentation_mask: Array | None,
-  seq_lengths: Array | None,
-  *,
-  batch_shape: Sequence[int],
-  time: int,
-  time_major: bool,
-  context: str,
-  feature_shape: Sequence[int] = (),
-) -> Array | None:
-  """Validates a mask or lengths and returns int32 segment ids (or None).
-
-  Args:
-    segmentation_mask: integer or bool, ``(*batch, time)`` or, when
-      ``time_major``, ``(time, *batch)``.
-    seq_lengths: integer ``(*batch,)``, the number of valid steps per row.
-    batch_shape: the batch axes of the inputs.
-    time: the length of the time axis of the inputs.
-    time_major: the layout of ``segmentation_mask`` and of the result.
-    context: the caller's name, for error messages.
-    feature_shape: the feature axes of the inputs; with it, a mask or
-      lengths shaped for inputs with one more axis says so (inputs missing
-      their feature axis).
-
-  Returns:
-    ``None`` when neither is given (every step is valid), else int32 segment
-    ids in the layout of ``segmentation_mask``.
-
-  Raises:
-    ValueError: for both arguments at once, a wrong shape or dtype, and, when
-      the values are concrete, out-of-range lengths, padding before the end of
-      a row, negative or decreasing ids.
-  """
-  batch_shape = tuple(batch_shape)
-  layout = _InputsLayout(batch_shape, time, tuple(feature_shape), time_major)
-  if segmentation_mask is not None and seq_lengths is not None:
-    raise ValueError(
-      f"{context}: pass either segmentation_mask or seq_lengths, not both; "
-      f"got segmentation_mask of shape {_describe(np.shape(segmentation_mask))}"
-      f" and seq_lengths of shape {_describe(np.shape(seq_lengths))}"
-    )
-  if seq_lengths is not None:
-    return _ids_from_lengths(seq_lengths, layout, context)
-  if segmentation_mask is not None:
-    return _ids_from_mask(segmentation_mask, layout, context)
-  return None
-
-
-class _InputsLayout:
-  """The axes of the inputs a mask or lengths must fit, for error messages."""
-
-  def __init__(self, batch_shape, time, feature_shape, time_major):
-    self.batch_shape = batch_shape
-    self.time = time
-    self.feature_shape = feature_shape
-    self.time_major = time_major
-
-  @property
-  def mask_shape(self) -> tuple[int, ...]:
-    if self.time_major:
-      return (self.time, *self.batch_shape)
-    return (*self.batch_shape, self.time)
-
-  def missing_axis_hint(self, shape, *, lengths: bool) -> str:
-    """Says so when ``shape`` fits inputs that have one more axis.
-
-    Inputs ``(*batch, time, features)`` that lack their feature axis are read
-    with their time axis as features: the mask or lengths meant for them then
-    has one axis more than expected.
-    """
-    if not self.feature_shape:
-      return ""
-    shifted = (*self.mask_shape, self.feature_shape[0])
-    if lengths:
-      shifted = shifted[1:] if self.time_major else shifted[:-1]
-    if tuple(shape) != shifted:
-      return ""
-    if self.time_major:
-      inputs = (self.time, *self.batch_shape, *self.feature_shape)
-    else:
-      inputs = (*self.batch_shape, self.time, *self.feature_shape)
-    return (
-      f"; that shape would fit if the inputs, of shape {_describe(inputs)}, "
-      "had one more axis: are they missing their feature axis? (inputs[..., "
-      "None] gives one feature per step)"
-    )
-
-
-def as_array(value: Any, context: str, argument: str) -> Any:
-  """``value`` as a jax array (tracers as they are), or a TypeError.
-
-  The error names ``argument`` when ``value`` is no array of numbers (a
-  string, None, a dict, a ragged list), where ``jnp.asarray`` would name
-  nothing the caller passed.
-  """
-  if not is_concrete(value) or isinstance(value, jax.Array):
-    return value
-  try:
-    return jnp.asarray(value)
-  except (TypeError, ValueError):
-    raise TypeError(
-      f"{context}: {argument} must be an array of numbers, got "
-      f"{type(value).__name__} {abbreviate(value)}"
-    ) from None
-
-
-def abbreviate(value: Any) -> str:
-  """``repr(value)`` cut to 60 characters, for error messages."""
-  text = repr(value)
-  return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _ids_from_lengths(lengths, layout, context):
-  batch_shape, time = layout.batch_shape, layout.time
-  lengths = as_array(lengths, context, "seq_lengths")
-  if tuple(lengths.shape) != batch_shape:
-    raise ValueError(
-      f"{context}: seq_lengths must have shape (*batch,) = "
-      f"{_describe(batch_shape)}, got {_describe(lengths.shape)}"
-      + layout.missing_axis_hint(lengths.shape, lengths=True)
-    )
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(
-      f"{context}: seq_lengths must be an integer array, got dtype "
-      f"{lengths.dtype}"
-    )
-  if is_concrete(lengths):
-    values = np.asarray(lengths)
-    bad = (values < 0) | (values > time)
-    if bad.any():
-      row = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(
-        f"{context}: seq_lengths must lie in [0, time] = [0, {time}], got "
-        f"{int(values[row])} for row {row}"
-      )
-  steps = jnp.arange(time, dtype=jnp.int32)
-  ids = (steps < lengths[..., None]).astype(jnp.int32)
-  return jnp.moveaxis(ids, -1, 0) if layout.time_major else ids
-
-
-def _ids_from_mask(mask, layout, context, argument="segmentation_mask"):
-  mask = as_array(mask, context, argument)
-  expected = layout.mask_shape
-  axes = "(time, *batch)" if layout.time_major else "(*batch, time)"
-  is_integer = jnp.issubdtype(mask.dtype, jnp.integer)
-  if tuple(mask.shape) != expected:
-    hint = layout.missing_axis_hint(mask.shape, lengths=False)
-    if is_integer and tuple(mask.shape) == layout.batch_shape:
-      hint = (
-        "; that is the shape of seq_lengths (*batch,): pass lengths by "
-        "keyword, seq_lengths=..., not as the mask"
-      )
-    raise ValueError(
-      f"{context}: {argument} must have shape {axes} = "
-      f"{_describe(expected)}, got {_describe(mask.shape)}{hint}"
-    )
-  if not (is_integer or mask.dtype == jnp.bool_):
-    raise ValueError(
-      f"{context}: {argument} must be an integer or bool array, got "
-      f"dtype {mask.dtype}"
-    )
-  if is_concrete(mask):
-    rows = np.moveaxis(np.asarray(mask), 0, -1) if layout.time_major else mask
-    _check_mask_values(np.asarray(rows).astype(np.int64), context, argument)
-  return mask.astype(jnp.int32)
-
-
-def _check_mask_values(
-  rows: np.ndarray, context: str, argument: str = "segmentation_mask"
-) -> None:
-  """Checks concrete ids laid out as ``(*batch, time)``.
-
-  A failure names the first offending row, its first offending steps and
-  how many rows offend, never the whole row (rows run to thousands of
-  steps).
-  """
-  num_rows = int(np.prod(rows.shape[:-1]))
-
-  def fail(problem, offending, found, hint=""):
-    where = np.argwhere(offending)[0]
-    row = tuple(int(i) for i in where[:-1])
-    count = int(offending.reshape(num_rows, -1).any(axis=-1).sum())
-    raise ValueError(
-      f"{context}: {argument} {problem}; got row {row}: {found(where)} "
-      f"({count} of {num_rows} rows){hint}"
-    )
-
-  def negative(where):
-    return f"id {rows[tuple(where)]} at step {int(where[-1])}"
-
-  if (rows < 0).any():
-    fail("ids must be non-negative", rows < 0, negative)
-  valid = rows != 0
-  resumed = valid[..., 1:] & ~valid[..., :-1]
-
-  def padding_then_id(where):
-    step = int(where[-1]) + 1
-    row = rows[tuple(where[:-1])]
-    # The padding run that this id follows, from its first step.
-    first = step - 1
-    while first > 0 and row[first - 1] == 0:
-      first -= 1
-    padding = (
-      f"step {first}" if first == step - 1 else f"steps {first} to {step - 1}"
-    )
-    return f"padding at {padding}, then id {row[step]} at step {step}"
-
-  if resumed.any():
-    fail(
-      "padding (0) must only sit at the end of a row",
-      resumed,
-      padding_then_id,
-      "; padding belongs after each row's steps: pad at the end (Keras' "
-      "pad_sequences pads in front by default: pass padding='post'), or "
-      "move each row's tokens to the front",
-    )
-  decreased = valid[..., 1:] & (rows[..., 1:] < rows[..., :-1])
-
-  def id_then_smaller(where):
-    step = int(where[-1]) + 1
-    row = rows[tuple(where[:-1])]
-    return (
-      f"id {row[step - 1]} at step {step - 1}, then id {row[step]} at step "
-      f"{step}"
-    )
-
-  if decreased.any():
-    fail(
-      "segment ids must not decrease along a row (each segment "
-      "contiguous, ids non-decreasing)",
-      decreased,
-      id_then_smaller,
-    )
 
 
 def segment_starts(ids: Array, axis: int) -> Array:
@@ -289,43 +29,6 @@ def segment_starts(ids: Array, axis: int) -> Array:
   first = jnp.arange(ids.shape[-1]) == 0
   starts = (ids != 0) & (first | (ids != previous))
   return jnp.moveaxis(starts, -1, axis)
-
-
-def check_max_segments(max_segments: Any, context: str) -> int | None:
-  """Validates a ``max_segments`` argument: None or a positive int."""
-  if max_segments is None:
-    return None
-  if (
-    isinstance(max_segments, (bool, np.bool_))
-    or not isinstance(max_segments, (int, np.integer))
-    or max_segments < 1
-  ):
-    raise ValueError(
-      f"{context}: max_segments must be a positive int or None, got "
-      f"{max_segments!r}"
-    )
-  return int(max_segments)
-
-
-def check_segment_count(
-  ids: Array | None, max_segments: int, *, time_major: bool, context: str
-) -> None:
-  """Raises when a concrete row holds more than ``max_segments`` segments."""
-  if ids is None or not is_concrete(ids):
-    return
-  rows = np.asarray(ids)
-  rows = np.moveaxis(rows, 0, -1) if time_major else rows
-  valid = rows != 0
-  starts = valid.copy()
-  starts[..., 1:] &= rows[..., 1:] != rows[..., :-1]
-  counts = starts.sum(-1)
-  if (counts > max_segments).any():
-    row = tuple(int(i) for i in np.argwhere(counts > max_segments)[0])
-    raise ValueError(
-      f"{context}: segmentation_mask must hold at most max_segments = "
-      f"{max_segments} segments per row; got {int(counts[row])} in row "
-      f"{row} = {rows[row].tolist()}"
-    )
 
 
 def segment_end_steps(ids: Array, max_segments: int) -> Array:
@@ -358,17 +61,6 @@ def segment_end_steps(ids: Array, max_segments: int) -> Array:
     .at[rows, slots]
     .max(steps, mode="drop")
   )
-
-
-def has_packed_rows(ids: Array | None, axis: int) -> bool:
-  """Whether some row may hold several segments (True when unknowable)."""
-  if ids is None:
-    return False
-  if not is_concrete(ids):
-    return True
-  # numpy, not jnp: under an outer jit even constants become tracers.
-  ids = np.moveaxis(np.asarray(ids), axis, -1)
-  return bool(((ids[..., 1:] != ids[..., :-1]) & (ids[..., 1:] != 0)).any())
 
 
 def flip_indices(ids: Array, axis: int) -> Array:
@@ -459,7 +151,7 @@ def flip_sequences(
   ):
     raise TypeError(
       f"{context}: num_batch_dims must be an int, got "
-      f"{abbreviate(num_batch_dims)}"
+      f"{checks.abbreviate(num_batch_dims)}"
     )
   if num_batch_dims < 0:
     raise ValueError(
@@ -474,24 +166,23 @@ def flip_sequences(
     if np.ndim(leaf) < lead:
       raise ValueError(
         f"{context}: inputs must have at least num_batch_dims + 1 = {lead} "
-        f"axes {layout}, got shape {_describe(np.shape(leaf))}"
+        f"axes {layout}, got shape {checks.describe_shape(np.shape(leaf))}"
       )
   first = np.shape(leaves[0])[:lead]
   for leaf in leaves[1:]:
     if np.shape(leaf)[:lead] != first:
       raise ValueError(
         f"{context}: every leaf of inputs must share the leading "
-        f"{layout} axes {_describe(first)}, got {_describe(np.shape(leaf))}"
+        f"{layout} axes {checks.describe_shape(first)}, got "
+        f"{checks.describe_shape(np.shape(leaf))}"
       )
   axis = 0 if time_major else num_batch_dims
   batch_shape = first[1:] if time_major else first[:-1]
-  ids = segment_ids(
+  ids = layout_lib.segment_ids(
     segmentation_mask,
     seq_lengths,
-    batch_shape=batch_shape,
-    time=first[axis],
-    time_major=time_major,
-    context=context,
+    layout_lib.Layout(batch_shape, first[axis], time_major=time_major),
+    context,
   )
   return flip_tree(jax.tree.map(jnp.asarray, inputs), ids, axis)
 
@@ -529,16 +220,16 @@ def last_segment_ids(
       of a shape other than the mask's batch axes, or not integer.
   """
   context = "last_segment_ids"
-  mask = as_array(segmentation_mask, context, "segmentation_mask")
+  mask = checks.as_array(segmentation_mask, context, "segmentation_mask")
   axes = "(time, *batch)" if time_major else "(*batch, time)"
   if mask.ndim < 1:
     raise ValueError(
       f"{context}: segmentation_mask must have shape {axes}, with a time "
-      f"axis, got {_describe(mask.shape)}"
+      f"axis, got {checks.describe_shape(mask.shape)}"
     )
   batch_shape = mask.shape[1:] if time_major else mask.shape[:-1]
   if previous is not None:
-    previous = as_array(previous, context, "previous")
+    previous = checks.as_array(previous, context, "previous")
     if tuple(previous.shape) != tuple(batch_shape):
       hint = ""
       if tuple(previous.shape) == tuple(mask.shape):
@@ -548,8 +239,9 @@ def last_segment_ids(
         )
       raise ValueError(
         f"{context}: previous must have shape (*batch,) = "
-        f"{_describe(batch_shape)} for segmentation_mask of shape {axes} = "
-        f"{_describe(mask.shape)}, got {_describe(previous.shape)}{hint}"
+        f"{checks.describe_shape(batch_shape)} for segmentation_mask of "
+        f"shape {axes} = {checks.describe_shape(mask.shape)}, got "
+        f"{checks.describe_shape(previous.shape)}{hint}"
       )
     if not jnp.issubdtype(previous.dtype, jnp.integer):
       raise ValueError(
@@ -557,8 +249,8 @@ def last_segment_ids(
         f"{previous.dtype}"
       )
   time = mask.shape[0] if time_major else mask.shape[-1]
-  layout = _InputsLayout(tuple(batch_shape), time, (), time_major)
-  ids = _ids_from_mask(mask, layout, context)
+  layout = layout_lib.Layout(batch_shape, time, time_major=time_major)
+  ids = layout_lib.ids_from_mask(mask, layout, context)
   # Ids never decrease along a row and padding is 0, so the last is the max.
   last = jnp.max(ids, axis=0 if time_major else -1, initial=0)
   if previous is None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hk_rnn._src import bidirectional as bidirectional_lib
-from hk_rnn._src import dropout, sequences
+from hk_rnn._src import dropout, layout
 from hk_rnn._src import rnn as rnn_lib
 
 Array = jax.Array
@@ -140,11 +140,10 @@ class StackedRNN(hk.Module):
     elif not isinstance(initial_carry, (tuple, list)) or len(
       initial_carry
     ) != len(self.layers):
-      raise rnn_lib.InitialCarryMismatch(
+      raise layout.InitialCarryMismatch(
         f"StackedRNN: {per_layer}, a tuple or list of {len(self.layers)}; "
-        f"got {rnn_lib.describe_carry(initial_carry)}"
+        f"got {layout.describe_carry(initial_carry)}"
       )
-    max_segments = sequences.check_max_segments(max_segments, "StackedRNN")
     if initial_segment_ids is not None:
       for index, layer in enumerate(self.layers):
         if not isinstance(layer, rnn_lib.RNN) or layer.reverse:
@@ -163,22 +162,17 @@ class StackedRNN(hk.Module):
     cell = (
       first.cell if isinstance(first, rnn_lib.RNN) else first.forward_rnn.cell
     )
-    layout = rnn_lib.Layout.of(
-      inputs, cell.num_feature_axes, time_major, "StackedRNN"
-    )
-    ids = sequences.segment_ids(
+    batch = layout.parse(
+      inputs,
       segmentation_mask,
       seq_lengths,
-      batch_shape=layout.batch_shape,
-      time=layout.time,
+      num_feature_axes=cell.num_feature_axes,
       time_major=time_major,
+      max_segments=max_segments,
+      initial_segment_ids=initial_segment_ids,
       context="StackedRNN",
-      feature_shape=layout.feature_shape,
     )
-    if max_segments is not None and segmentation_mask is not None:
-      sequences.check_segment_count(
-        ids, max_segments, time_major=time_major, context="StackedRNN"
-      )
+    valid = batch.valid_steps()
     carries = []
     outputs = inputs
     for index, (layer, carry) in enumerate(
@@ -194,23 +188,12 @@ class StackedRNN(hk.Module):
         layer_inputs = hk.dropout(
           hk.next_rng_key(), self.dropout_rate, layer_inputs
         )
-      options = {}
-      if initial_segment_ids is not None:
-        options["initial_segment_ids"] = initial_segment_ids
-      with rnn_lib.initial_carry_context(
+      with layout.initial_carry_context(
         "StackedRNN",
         f"{per_layer}; initial_carry[{index}] does not fit layers[{index}]",
       ):
-        carry, layer_outputs = layer(
-          layer_inputs,
-          segmentation_mask,
-          seq_lengths=seq_lengths,
-          initial_carry=carry,
-          return_carry=True,
-          time_major=time_major,
-          is_training=is_training,
-          max_segments=max_segments,
-          **options,
+        carry, layer_outputs = layer.call_parsed(
+          layer_inputs, batch, initial_carry=carry, is_training=is_training
         )
       if self.residual:
         if layer_outputs.shape != outputs.shape:
@@ -220,9 +203,9 @@ class StackedRNN(hk.Module):
             f"{layer_outputs.shape[-1]}"
           )
         # The skip path must not carry padded inputs (NaN included) through.
-        if ids is not None:
-          valid = (ids != 0).reshape(ids.shape + (1,) * layout.num_feature_axes)
-          outputs = jnp.where(valid, outputs, 0)
+        if valid is not None:
+          features = (1,) * (outputs.ndim - valid.ndim)
+          outputs = jnp.where(valid.reshape(valid.shape + features), outputs, 0)
         layer_outputs = layer_outputs + outputs
       outputs = layer_outputs
       carries.append(carry)

@@ -101,7 +101,7 @@ def _stabilised_gates(
 # step and a backward step), its whole-sequence entry with the hand-written
 # VJP, and two helpers of its gate math.
 _EngineCell = gates.GateMath
-_engine_sequence = xla._sequence  # noqa: SLF001
+_engine_sequence = xla.sequence
 _activate_gates = gates.activate
 _gate_blocks = gates.concat_blocks
 
@@ -247,7 +247,7 @@ def _lecun_per_head(shape, dtype):
   return hk.initializers.TruncatedNormal(stddev)(shape, dtype)
 
 
-class SLSTMCell(cells._GatedCell):  # noqa: SLF001
+class SLSTMCell(cells.GatedCell):
   r"""xLSTM's sLSTM (Beck et al. 2024), as NX-AI/xlstm's reference computes it.
 
   .. math::
@@ -367,24 +367,15 @@ class SLSTMCell(cells._GatedCell):  # noqa: SLF001
     new_h = jax.nn.sigmoid(o_pre) * new_c / new_n
     return (new_c, new_n, m_new, new_h), new_h
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    unroll,
-    *,
-    valid=None,
-    reset=None,
-    reset_carry=None,
-    recurrent_mask=None,
-    return_step_carries=False,
-  ):
+  def fused_sequence(self, inputs, initial_carry, steps):
     """The whole sequence in the fused engine with the sLSTM's gate math."""
     dtype = self._compute_dtype(inputs.dtype)
     # Uncast, so that weight gradients accumulate in float32.
     w_i, w_h, b = self._weights(inputs.shape[-1])
     initial = tuple(initial_carry)
+    reset_carry = steps.reset_carry
     reset_carry = initial if reset_carry is None else tuple(reset_carry)
+    recurrent_mask = steps.recurrent_mask
     final, outputs, emitted = _slstm_engine(
       inputs.astype(dtype),
       w_i,
@@ -392,13 +383,13 @@ class SLSTMCell(cells._GatedCell):  # noqa: SLF001
       b,
       initial,
       reset_carry,
-      valid,
-      reset,
+      steps.valid,
+      steps.reset,
       None if recurrent_mask is None else recurrent_mask.astype(dtype),
-      unroll,
-      return_step_carries,
+      steps.unroll,
+      steps.return_step_carries,
     )
-    if not return_step_carries:
+    if not steps.return_step_carries:
       return final, outputs
     # The engine emits (c, n, m) after every step; h after it is the output
     # (0 at padded steps, whose carries are never read).
@@ -659,7 +650,7 @@ class MLSTMCell(cells.RNNCellBase):
         f"{context}: recurrent_dropout_rate must be 0 (the cell has no "
         f"recurrent weight), got {recurrent_dropout_rate!r}"
       )
-    self.w_init = w_init or cells._LECUN_NORMAL  # noqa: SLF001
+    self.w_init = w_init or cells.LECUN_NORMAL
     self.w_if_init = w_if_init or jnp.zeros
     self.b_init = b_init or jnp.zeros
     self.b_if_init = b_if_init or _forget_bias_init(2, 1)
@@ -792,20 +783,13 @@ class MLSTMCell(cells.RNNCellBase):
       rng,
     )
 
-  def _fused_sequence(
-    self,
-    inputs,
-    initial_carry,
-    unroll,
-    *,
-    valid=None,
-    reset=None,
-    reset_carry=None,
-    recurrent_mask=None,
-    return_step_carries=False,
-  ):
-    """The whole sequence chunkwise-parallel (``mlstm_chunkwise``)."""
-    del unroll, recurrent_mask  # no per-step loop; no recurrent weight
+  def fused_sequence(self, inputs, initial_carry, steps):
+    """The whole sequence chunkwise-parallel (``mlstm_chunkwise``).
+
+    No per-step loop (``steps.unroll`` is unused) and no recurrent weight
+    (never a recurrent mask).
+    """
+    valid, reset = steps.valid, steps.reset
     dtype = self._compute_dtype(inputs.dtype)
     inputs = inputs.astype(dtype)
     if valid is not None:
@@ -822,13 +806,13 @@ class MLSTMCell(cells.RNNCellBase):
       initial_carry,
       valid=valid,
       reset=None if reset is None else jnp.asarray(reset, bool),
-      reset_carry=reset_carry,
-      return_step_carries=return_step_carries,
+      reset_carry=steps.reset_carry,
+      return_step_carries=steps.return_step_carries,
     )
     final, h = result[:2]
     outputs = gate * h.reshape(gate.shape)
     if valid is not None:
       outputs = jnp.where(valid[..., None], outputs, 0)
-    if return_step_carries:
+    if steps.return_step_carries:
       return final, outputs, result[2]
     return final, outputs

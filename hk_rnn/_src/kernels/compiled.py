@@ -96,7 +96,7 @@ def library_path() -> str | None:
   return None
 
 
-def _load() -> ctypes.CDLL:
+def _load_library() -> ctypes.CDLL:
   """Loads the extension and registers its FFI targets; raises on failure."""
   path = library_path()
   if path is None:
@@ -122,7 +122,7 @@ def _load_once() -> ctypes.CDLL | str:
   with _lock:
     if _library is None:
       try:
-        _library = _load()
+        _library = _load_library()
       except Exception as error:  # noqa: BLE001 - any failure means fallback
         _library = str(error)
         logging.info(

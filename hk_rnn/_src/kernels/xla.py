@@ -176,7 +176,7 @@ def _cast_all(arrays, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _sequence(
+def sequence(
   cell,
   unroll,
   emit,
@@ -389,7 +389,7 @@ def _sequence_backward(cell, unroll, emit, saved, cotangents):
   )
 
 
-_sequence.defvjp(_sequence_forward, _sequence_backward)
+sequence.defvjp(_sequence_forward, _sequence_backward)
 
 
 def check_shapes(
@@ -443,7 +443,7 @@ def lstm(
   return_step_carries=False,
 ):
   """The LSTM in XLA; as :func:`~.dispatch.lstm_sequence` (checked there)."""
-  final, outputs, emitted = _sequence(
+  final, outputs, emitted = sequence(
     gates.LSTM,
     unroll,
     return_step_carries,
@@ -485,7 +485,7 @@ def single_carry(
   With ``return_step_carries`` the outputs double as the carry after every
   step (0 rather than ``h`` at padded steps), at no extra memory.
   """
-  (h,), outputs, _ = _sequence(
+  (h,), outputs, _ = sequence(
     cell,
     unroll,
     False,
