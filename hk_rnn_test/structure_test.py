@@ -16,14 +16,6 @@ from absl.testing import absltest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TESTS = os.path.join(_ROOT, "hk_rnn_test")
 
-# Private names that two modules define today, each with the modules that
-# define it, left for the restructuring of those modules (issue 22) to
-# rename. The list only shrinks: a collision not on it fails the test, and
-# so does a name on it that no longer collides, so that it is removed.
-KNOWN_COLLISIONS_TO_FIX: dict[str, tuple[str, ...]] = {
-  "_positive_int": ("hk_rnn/_src/cores.py", "hk_rnn/_src/packing.py"),
-}
-
 
 def _python_files(directory: str) -> list[str]:
   """Every ``.py`` file under ``directory``, as paths from the repository."""
@@ -132,24 +124,13 @@ class StructureTest(absltest.TestCase):
 
   def test_no_private_name_is_defined_in_two_modules(self):
     collisions = private_name_collisions()
-    new = {
-      name: paths
-      for name, paths in collisions.items()
-      if KNOWN_COLLISIONS_TO_FIX.get(name) != paths
-    }
     self.assertEmpty(
-      new,
+      collisions,
       "private names defined in more than one module under hk_rnn/ (rename "
       "one, or move the helper to one module and import it from there): "
       + "; ".join(
-        f"{name} in {', '.join(paths)}" for name, paths in new.items()
+        f"{name} in {', '.join(paths)}" for name, paths in collisions.items()
       ),
-    )
-    gone = sorted(set(KNOWN_COLLISIONS_TO_FIX) - set(collisions))
-    self.assertEmpty(
-      gone,
-      "these names no longer collide: remove them from "
-      f"KNOWN_COLLISIONS_TO_FIX: {gone}",
     )
 
   def test_collision_finder_sees_every_kind_of_definition(self):
