@@ -489,14 +489,14 @@ class FusedSequenceHookTest(absltest.TestCase):
   def test_padded_rows_run_in_the_cells_form(self):
     cell_type, calls = self._cell_and_calls()
     lengths = jnp.asarray(LENGTHS)
-    carry, outputs = self._run(cell_type, _inputs(), seq_lengths=lengths)
+    carry, outputs = self._run(cell_type, random_inputs(), seq_lengths=lengths)
     (steps,) = calls
     np.testing.assert_array_equal(steps.valid, PADDED_IDS.T != 0)
     self.assertIsNone(steps.reset)
     self.assertIsNone(steps.segment_starts)
     self.assertEqual(steps.unroll, 2)
     self.assertFalse(steps.return_step_carries)
-    x = np.asarray(_inputs())
+    x = np.asarray(random_inputs())
     expected = np.cumsum(x, axis=1) + 1.0
     expected[PADDED_IDS == 0] = 0
     np.testing.assert_allclose(outputs, expected, rtol=1e-6)
@@ -505,7 +505,7 @@ class FusedSequenceHookTest(absltest.TestCase):
     )
     lines = hk_rnn.explain(
       lambda x, lengths: self._run(cell_type, x, seq_lengths=lengths),
-      _inputs(),
+      random_inputs(),
       lengths,
     )
     self.assertEqual(
@@ -519,19 +519,19 @@ class FusedSequenceHookTest(absltest.TestCase):
   def test_none_falls_back_to_stepping_with_the_steps_rnn_computed(self):
     cell_type, calls = self._cell_and_calls()
     ids = jnp.asarray(PACKED_IDS)
-    carry, outputs = self._run(cell_type, _inputs(), ids, max_segments=3)
+    carry, outputs = self._run(cell_type, random_inputs(), ids, max_segments=3)
     (steps,) = calls
     starts = np.zeros_like(PACKED_IDS, bool)
     starts[:, 0] = True
     starts[:, 1:] = PACKED_IDS[:, 1:] != PACKED_IDS[:, :-1]
     np.testing.assert_array_equal(steps.reset, (starts & (PACKED_IDS != 0)).T)
     self.assertTrue(steps.return_step_carries)
-    x = np.asarray(_inputs())
+    x = np.asarray(random_inputs())
     # Row 1 packs [2, 2 | 5 | 7, 7]: stepped, each segment sums from zero.
     np.testing.assert_allclose(outputs[1, 3], x[1, 3], rtol=1e-6)
     np.testing.assert_allclose(carry[1, 2], x[1, 3] + x[1, 4], rtol=1e-6)
     lines = hk_rnn.explain(
-      lambda x, ids: self._run(cell_type, x, ids), _inputs(), ids
+      lambda x, ids: self._run(cell_type, x, ids), random_inputs(), ids
     )
     self.assertEqual(
       lines,
