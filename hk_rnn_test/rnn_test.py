@@ -706,11 +706,11 @@ class RNNStreamingTest(parameterized.TestCase):
   @parameterized.parameters(("gru", True), ("gru", False), ("lstm", True))
   def test_an_empty_chunk_passes_the_carry_through(self, kind, fused):
     """A stream's chunk may hold no step: the carry comes back as it went in."""
-    model = test_utils.transform(_rnn_fn(kind, fused=fused))
+    model = test_utils.transform(rnn_fn(kind, fused=fused))
     params, (carry, _) = test_utils.init_and_apply(
-      _rnn_fn(kind, fused=fused), _inputs(), jnp.asarray(PACKED_IDS)
+      rnn_fn(kind, fused=fused), random_inputs(), jnp.asarray(PACKED_IDS)
     )
-    empty, empty_mask = _inputs()[:, :0], jnp.zeros((BATCH, 0), jnp.int32)
+    empty, empty_mask = random_inputs()[:, :0], jnp.zeros((BATCH, 0), jnp.int32)
     ids = hk_rnn.last_segment_ids(jnp.asarray(PACKED_IDS))
     same_carry, outputs = model.apply(
       params, empty, empty_mask, initial_carry=carry, initial_segment_ids=ids
