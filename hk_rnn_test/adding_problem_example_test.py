@@ -13,9 +13,9 @@ import tempfile
 
 from absl.testing import absltest
 
-from hk_rnn_test import examples_test
+from hk_rnn_test.trainer_runs import REPO, TINY_FLAGS, run_trainer
 
-_TINY_FLAGS = [
+_ADDING_PROBLEM_FLAGS = [
   "--num_steps=12",
   "--eval_every=6",
   "--log_every=1",
@@ -32,8 +32,8 @@ class AddingProblemTest(absltest.TestCase):
   def test_min_gru_run_learns_and_plots(self):
     with tempfile.TemporaryDirectory() as tmp:
       run_dir = os.path.join(tmp, "run")
-      process = examples_test.run_trainer(
-        "adding_problem", *_TINY_FLAGS, f"--output_dir={run_dir}"
+      process = run_trainer(
+        "adding_problem", *_ADDING_PROBLEM_FLAGS, f"--output_dir={run_dir}"
       )
       self.assertEqual(process.returncode, 0, process.stderr[-5000:])
       with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -56,8 +56,8 @@ class AddingProblemTest(absltest.TestCase):
           run_dir,
           f"--out={png}",
         ],
-        cwd=examples_test._REPO,  # noqa: SLF001
-        env=dict(os.environ, PYTHONPATH=examples_test._REPO),  # noqa: SLF001
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,
         text=True,
         timeout=300,
@@ -68,9 +68,9 @@ class AddingProblemTest(absltest.TestCase):
   def test_griffin_and_min_gru_in_residual_blocks_run(self):
     for cell in ("griffin", "min_gru"):
       with tempfile.TemporaryDirectory() as tmp:
-        process = examples_test.run_trainer(
+        process = run_trainer(
           "adding_problem",
-          *_TINY_FLAGS,
+          *_ADDING_PROBLEM_FLAGS,
           f"--cell={cell}",
           "--block",
           "--num_steps=4",
@@ -81,9 +81,9 @@ class AddingProblemTest(absltest.TestCase):
 
   def test_char_lm_griffin_blocks_run(self):
     with tempfile.TemporaryDirectory() as tmp:
-      process = examples_test.run_trainer(
+      process = run_trainer(
         "char_lm",
-        *examples_test._TINY_FLAGS["char_lm"],  # noqa: SLF001
+        *TINY_FLAGS["char_lm"],
         "--cell=griffin",
         "--num_steps=4",
         "--eval_every=2",

@@ -23,145 +23,28 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from hk_rnn._src.kernels import compiled, gates, xla
+from hk_rnn._src.kernels import compiled
+from hk_rnn_test import compiled_parity as parity
 
 _SKIP = absltest.skipUnless(
   compiled.available(), "the compiled CPU kernels are not built"
 )
-_GATES = {"lstm": 4, "gru": 3}
-# F = 19: one full SIMD group and a partial one (16 + 3 or 8 + 8 + 3 lanes).
-_T, _B, _D, _F = 6, 3, 5, 19
-
-
-def _arguments(kind, steps=_T, batch=_B, inputs=_D, features=_F, seed=0):
-  """``(x, w_i, w_h, biases, carry, reset_carry, valid, reset, mask)``."""
-  rng = np.random.default_rng(seed)
-
-  def normal(*shape, scale=1.0):
-    return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
-
-  width = _GATES[kind] * features
-  x = normal(steps, batch, inputs)
-  w_i = normal(inputs, width, scale=0.5)
-  w_h = normal(features, width, scale=0.4)
-  if kind == "lstm":
-    biases = (normal(width, scale=0.3),)
-    carry = (normal(batch, features, scale=0.5), normal(batch, features))
-    reset_carry = (normal(batch, features), normal(batch, features))
-  else:
-    biases = (normal(width, scale=0.3), normal(width, scale=0.3))
-    carry = normal(batch, features)
-    reset_carry = normal(batch, features)
-  lengths = rng.integers(0, steps + 1, size=batch)
-  valid = jnp.asarray(np.arange(steps)[:, None] < lengths[None, :])
-  reset = jnp.asarray(rng.random((steps, batch)) < 0.3)
-  mask = jnp.asarray((rng.random((batch, features)) < 0.75) / 0.75, jnp.float32)
-  return x, w_i, w_h, biases, carry, reset_carry, valid, reset, mask
-
-
-def _engine(kind):
-  """The XLA engine with the kernel's signature (reset_carry optional)."""
-  if kind == "lstm":
-
-    def run(x, w_i, w_h, b, carry, reset_carry=None, **options):
-      reset_carry = carry if reset_carry is None else reset_carry
-      return xla.lstm(x, w_i, w_h, b, carry, reset_carry, **options)
-
-    return run
-
-  def run_gru(x, w_i, w_h, b_i, b_h, carry, reset_carry=None, **options):
-    reset_carry = carry if reset_carry is None else reset_carry
-    return xla.single_carry(
-      gates.GRU, x, w_i, w_h, b_i, b_h, carry, reset_carry, **options
-    )
-
-  return run_gru
-
-
-def _kernel(kind):
-  return compiled.lstm if kind == "lstm" else compiled.gru
-
-
-# name -> which optional arguments the call passes.
-_CASES = {
-  "plain": {},
-  "lengths": {"valid": True},
-  "packed": {"valid": True, "reset": True, "reset_carry": True},
-  "packed_same_carry": {"reset": True},
-  "dropout": {"recurrent_mask": True},
-  "step_carries": {"valid": True, "reset": True, "return_step_carries": True},
-  "everything": {
-    "valid": True,
-    "reset": True,
-    "reset_carry": True,
-    "recurrent_mask": True,
-    "return_step_carries": True,
-  },
-}
-
-
-def _loss_and_gradients(kind, fn, case, args, nan_padding=False):
-  """A jitted loss over every result, and its gradient in every argument."""
-  x, w_i, w_h, biases, carry, reset_carry, valid, reset, mask = args
-  options = _CASES[case]
-  keywords = {}
-  if options.get("valid"):
-    keywords["valid"] = valid
-    if nan_padding:
-      x = jnp.where(valid[..., None], x, jnp.nan)
-  if options.get("reset"):
-    keywords["reset"] = reset
-  if options.get("recurrent_mask"):
-    keywords["recurrent_mask"] = mask
-  if options.get("return_step_carries"):
-    keywords["return_step_carries"] = True
-
-  def loss(x, w_i, w_h, biases, carry, reset_carry):
-    more = dict(keywords)
-    if options.get("reset_carry"):
-      more["reset_carry"] = reset_carry
-    results = fn(x, w_i, w_h, *biases, carry, **more)
-    leaves = jax.tree.leaves(results)
-    # Different weights per result, so that no cotangent is symmetric.
-    value = sum(
-      jnp.sum(jnp.sin(leaf * (1 + 0.1 * index)))
-      for index, leaf in enumerate(leaves)
-    )
-    return value, results
-
-  grad = jax.jit(jax.value_and_grad(loss, argnums=range(6), has_aux=True))
-  (_, results), gradients = grad(x, w_i, w_h, biases, carry, reset_carry)
-  return results, gradients
-
-
-def _assert_trees_close(actual, expected, tolerance=2e-5):
-  actual_leaves, actual_tree = jax.tree.flatten(actual)
-  expected_leaves, expected_tree = jax.tree.flatten(expected)
-  assert actual_tree == expected_tree, (actual_tree, expected_tree)
-  for a, e in zip(actual_leaves, expected_leaves, strict=True):
-    np.testing.assert_allclose(a, e, rtol=tolerance, atol=tolerance)
-
-
-def check_parity(kind, case, **sizes):
-  """Raises unless kernel and engine agree in values and gradients."""
-  args = _arguments(kind, **sizes)
-  got = _loss_and_gradients(kind, _kernel(kind), case, args)
-  want = _loss_and_gradients(kind, _engine(kind), case, args)
-  _assert_trees_close(got, want)
 
 
 @_SKIP
 class CompiledKernelTest(parameterized.TestCase):
-  @parameterized.product(kind=("lstm", "gru"), case=tuple(_CASES))
+  @parameterized.product(kind=("lstm", "gru"), case=tuple(parity.CASES))
   def test_matches_engine(self, kind, case):
-    check_parity(kind, case)
+    parity.check_parity(kind, case)
 
   @parameterized.parameters("lstm", "gru")
   def test_nan_padding_reaches_nothing(self, kind):
-    args = _arguments(kind)
-    clean = _loss_and_gradients(kind, _kernel(kind), "everything", args)
-    dirty = _loss_and_gradients(
-      kind, _kernel(kind), "everything", args, nan_padding=True
+    args = parity.random_arguments(kind)
+    clean = parity.loss_and_gradients(
+      kind, parity.kernel(kind), "everything", args
+    )
+    dirty = parity.loss_and_gradients(
+      kind, parity.kernel(kind), "everything", args, nan_padding=True
     )
     results, gradients = dirty
     _, valid = args[0], args[6]
@@ -169,7 +52,9 @@ class CompiledKernelTest(parameterized.TestCase):
       self.assertTrue(bool(jnp.all(jnp.isfinite(leaf))))
     d_x = gradients[0]
     self.assertTrue(bool(jnp.all(jnp.where(valid[..., None], True, d_x == 0))))
-    _assert_trees_close((results, gradients[1:]), (clean[0], clean[1][1:]), 0)
+    parity.assert_trees_close(
+      (results, gradients[1:]), (clean[0], clean[1][1:]), 0
+    )
 
   @parameterized.parameters(
     ("lstm", 1, 1, 3, 5),
@@ -178,7 +63,7 @@ class CompiledKernelTest(parameterized.TestCase):
     ("gru", 3, 2, 2, 33),
   )
   def test_odd_sizes(self, kind, steps, batch, inputs, features):
-    check_parity(
+    parity.check_parity(
       kind,
       "everything",
       steps=steps,
@@ -191,20 +76,24 @@ class CompiledKernelTest(parameterized.TestCase):
   @parameterized.parameters("lstm", "gru")
   def test_no_steps(self, kind):
     # The engine cannot run T = 0; the kernel returns the initial carry.
-    x, w_i, w_h, biases, carry, *_ = _arguments(kind, steps=0)
+    x, w_i, w_h, biases, carry, *_ = parity.random_arguments(kind, steps=0)
 
     def loss(carry):
-      final, outputs = _kernel(kind)(x, w_i, w_h, *biases, carry)
-      self.assertEqual(outputs.shape, (0, _B, _F))
+      final, outputs = parity.kernel(kind)(x, w_i, w_h, *biases, carry)
+      self.assertEqual(outputs.shape, (0, parity.B, parity.F))
       return sum(jnp.sum(2 * f) for f in jax.tree.leaves(final)), final
 
     d_carry, final = jax.jit(jax.grad(loss, has_aux=True))(carry)
-    _assert_trees_close(final, carry, 0)
-    _assert_trees_close(d_carry, jax.tree.map(lambda a: 2 + 0 * a, carry), 0)
+    parity.assert_trees_close(final, carry, 0)
+    parity.assert_trees_close(
+      d_carry, jax.tree.map(lambda a: 2 + 0 * a, carry), 0
+    )
 
   @parameterized.parameters("lstm", "gru")
   def test_second_derivative_is_the_engines(self, kind):
-    x, w_i, w_h, biases, carry, _, valid, reset, mask = _arguments(kind)
+    x, w_i, w_h, biases, carry, _, valid, reset, mask = parity.random_arguments(
+      kind
+    )
 
     def outer(fn, w_h):
       def loss(w_h):
@@ -222,39 +111,39 @@ class CompiledKernelTest(parameterized.TestCase):
 
       return jnp.sum(jnp.tanh(jax.grad(loss)(w_h)))
 
-    got = jax.jit(jax.grad(functools.partial(outer, _kernel(kind))))(w_h)
-    want = jax.jit(jax.grad(functools.partial(outer, _engine(kind))))(w_h)
+    got = jax.jit(jax.grad(functools.partial(outer, parity.kernel(kind))))(w_h)
+    want = jax.jit(jax.grad(functools.partial(outer, parity.engine(kind))))(w_h)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
   @parameterized.parameters("lstm", "gru")
   def test_vmap(self, kind):
-    x, w_i, w_h, biases, carry, _, valid, _, _ = _arguments(kind)
+    x, w_i, w_h, biases, carry, _, valid, _, _ = parity.random_arguments(kind)
     xs = jnp.stack([x, 2 * x])
 
     def run(x):
-      return _kernel(kind)(x, w_i, w_h, *biases, carry, valid=valid)
+      return parity.kernel(kind)(x, w_i, w_h, *biases, carry, valid=valid)
 
     batched = jax.jit(jax.vmap(run))(xs)
     for index in range(2):
       row = jax.tree.map(lambda a, i=index: a[i], batched)
-      _assert_trees_close(row, run(xs[index]), 0)
+      parity.assert_trees_close(row, run(xs[index]), 0)
 
   @parameterized.parameters("lstm", "gru")
   def test_thread_count_changes_no_bit(self, kind):
-    args = _arguments(kind, steps=9, batch=7, features=70, seed=2)
-    kernel = _kernel(kind)
+    args = parity.random_arguments(kind, steps=9, batch=7, features=70, seed=2)
+    kernel = parity.kernel(kind)
     # Fresh functions: the variable is read by each call of the handler.
     with mock.patch.dict(os.environ, {"HK_RNN_COMPILED_THREADS": "1"}):
-      alone = _loss_and_gradients(kind, kernel, "everything", args)
-    together = _loss_and_gradients(kind, kernel, "everything", args)
-    _assert_trees_close(alone, together, 0)
+      alone = parity.loss_and_gradients(kind, kernel, "everything", args)
+    together = parity.loss_and_gradients(kind, kernel, "everything", args)
+    parity.assert_trees_close(alone, together, 0)
 
   def test_avx2_build_matches(self):
     if compiled.lanes() != 16:
       self.skipTest("AVX2 is this machine's own path")
     script = (
       "from hk_rnn._src.kernels import compiled\n"
-      "from hk_rnn_test.compiled_kernels_test import check_parity\n"
+      "from hk_rnn_test.compiled_parity import check_parity\n"
       "assert compiled.lanes() == 8, compiled.lanes()\n"
       "for kind in ('lstm', 'gru'):\n"
       "  check_parity(kind, 'everything')\n"
@@ -270,7 +159,7 @@ class CompiledKernelTest(parameterized.TestCase):
       self.skipTest("torch is not installed")
     import torch
 
-    x, w_i, w_h, biases, carry, *_ = _arguments(kind, features=9)
+    x, w_i, w_h, biases, carry, *_ = parity.random_arguments(kind, features=9)
     features = w_h.shape[0]
     module = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(
       x.shape[-1], features
@@ -292,12 +181,12 @@ class CompiledKernelTest(parameterized.TestCase):
     (outputs.sum() + sum(f.sum() for f in finals)).backward()
 
     def loss(x, w_h):
-      final, y = _kernel(kind)(x, w_i, w_h, *biases, carry)
+      final, y = parity.kernel(kind)(x, w_i, w_h, *biases, carry)
       return jnp.sum(y) + sum(jnp.sum(f) for f in jax.tree.leaves(final))
 
     (d_x, d_w_h) = jax.grad(loss, argnums=(0, 1))(x, w_h)
     tolerance = {"rtol": 1e-4, "atol": 1e-5}
-    final, y = _kernel(kind)(x, w_i, w_h, *biases, carry)
+    final, y = parity.kernel(kind)(x, w_i, w_h, *biases, carry)
     np.testing.assert_allclose(y, outputs.detach().numpy(), **tolerance)
     for ours, theirs in zip(jax.tree.leaves(final), finals, strict=True):
       np.testing.assert_allclose(ours, theirs.detach().numpy(), **tolerance)
@@ -309,7 +198,7 @@ class CompiledKernelTest(parameterized.TestCase):
 
 class RefusalTest(absltest.TestCase):
   def test_reasons(self):
-    x, w_i, w_h, biases, carry, *_ = _arguments("lstm")
+    x, w_i, w_h, biases, carry, *_ = parity.random_arguments("lstm")
     reason = compiled.refusal("lstm", x, w_i, w_h, biases, carry)
     if not compiled.available():
       self.assertIsNotNone(reason)

@@ -8,12 +8,12 @@ from absl.testing import absltest, parameterized
 
 import hk_rnn
 from hk_rnn_test import test_utils
-from hk_rnn_test.rnn_test import (
+from hk_rnn_test.rnn_helpers import (
   FEATURES,
   PACKED_IDS,
-  _initial_carry,
-  _inputs,
-  _rnn_fn,
+  random_inputs,
+  rnn_fn,
+  zero_carry,
 )
 
 
@@ -27,7 +27,7 @@ class VariationalDropoutTest(parameterized.TestCase):
 
   @parameterized.parameters("lstm", "gru", "simple", "mgu")
   def test_masks_are_fixed_over_time(self, kind):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     options = dict(dropout_rate=0.3, recurrent_dropout_rate=0.4)
     model = hk.transform(self._forward(kind, **options))
     params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
@@ -45,7 +45,7 @@ class VariationalDropoutTest(parameterized.TestCase):
       params["cell"],
       inputs * masks.inputs[:, None],
       PACKED_IDS,
-      _initial_carry(kind),
+      zero_carry(kind),
       recurrent_mask=masks.recurrent,
     )
     test_utils.tree_allclose(self, (carry, outputs), expected)
@@ -68,19 +68,19 @@ class VariationalDropoutTest(parameterized.TestCase):
       self.assertAlmostEqual(mask.mean(), 1.0, delta=0.04)
 
   def test_not_training_is_deterministic_and_needs_no_rng(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     forward = self._forward(
       "lstm", dropout_rate=0.5, recurrent_dropout_rate=0.5
     )
     model = hk.transform(forward)
     params = model.init(jax.random.PRNGKey(0), inputs, mask, False)
-    plain = test_utils.transform(_rnn_fn("lstm")).apply(params, inputs, mask)
+    plain = test_utils.transform(rnn_fn("lstm")).apply(params, inputs, mask)
     test_utils.tree_allclose(
       self, model.apply(params, None, inputs, mask, False), plain
     )
 
   def test_training_without_rng_names_the_cell_and_the_ways_out(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     model = hk.transform(self._forward("gru", recurrent_dropout_rate=0.5))
     params = model.init(jax.random.PRNGKey(0), inputs, mask, True)
     message = (
@@ -101,7 +101,7 @@ class VariationalDropoutTest(parameterized.TestCase):
       stack = hk_rnn.StackedRNN(layers, dropout_rate=0.2, name="encoder")
       return stack(inputs, is_training=is_training)
 
-    inputs = _inputs()
+    inputs = random_inputs()
     model = hk.transform(forward)
     params = model.init(jax.random.PRNGKey(0), inputs, False)
     with self.assertRaisesRegex(
@@ -141,7 +141,7 @@ class VariationalDropoutTest(parameterized.TestCase):
   @parameterized.parameters("lstm", "gru")
   def test_sampling_strategies_agree(self, kind):
     """Per-step sampling from a fixed key gives the masks sampled once."""
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     options = dict(dropout_rate=0.2, recurrent_dropout_rate=0.5)
 
     def forward(inputs, mask, sampling, fused):

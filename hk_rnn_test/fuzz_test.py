@@ -36,7 +36,7 @@ import functools
 import os
 import signal
 
-# Keras 3 on JAX, as interop_test runs it (its default backend is absent).
+# Keras 3 on JAX, as the interop tests run it (its default backend is absent).
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import haiku as hk

@@ -97,22 +97,7 @@ def _model(kind, method="auto", fused=True, **rnn_options):
     )
 
   model = test_utils.transform(forward)
-
-  def loss(params, x, ids, h0, w_out, w_final):
-    final, outputs = model.apply(params, x, ids, h0)
-    return jnp.sum(w_out * outputs) + jnp.sum(w_final * final), (
-      final,
-      outputs,
-    )
-
-  @jax.jit
-  def run(params, x, ids, h0, w_out, w_final):
-    grads, (final, outputs) = jax.grad(loss, (0, 1, 3), has_aux=True)(
-      params, x, ids, h0, w_out, w_final
-    )
-    return final, outputs, grads
-
-  return model, run
+  return model, test_utils.weighted_sum_and_grads(model)
 
 
 def _setup(kind, ids, seed=0):

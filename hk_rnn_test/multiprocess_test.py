@@ -21,9 +21,8 @@ import time
 
 from absl.testing import absltest, parameterized
 
-from hk_rnn_test import examples_test
+from hk_rnn_test.trainer_runs import REPO, TINY_FLAGS, checkpoint_steps
 
-_REPO = examples_test._REPO  # noqa: SLF001
 _STEPS = 6
 _DEVICES = 4  # in all: 1 process x 4, or 2 processes x 2
 
@@ -31,7 +30,7 @@ _DEVICES = 4  # in all: 1 process x 4, or 2 processes x 2
 _FLAGS = {
   **{
     name: [flag for flag in flags if not flag.startswith("--sample_length")]
-    for name, flags in examples_test._TINY_FLAGS.items()  # noqa: SLF001
+    for name, flags in TINY_FLAGS.items()
   },
   "adding_problem": [
     "--batch_size=16",
@@ -96,7 +95,7 @@ def run_processes(name, output_dir, *args, num_processes, signal_at=None):
   """
   env = dict(
     os.environ,
-    PYTHONPATH=_REPO,
+    PYTHONPATH=REPO,
     JAX_PLATFORMS="cpu",
     XLA_FLAGS="--xla_force_host_platform_device_count="
     f"{_DEVICES // num_processes}",
@@ -134,7 +133,7 @@ def run_processes(name, output_dir, *args, num_processes, signal_at=None):
     processes.append(
       subprocess.Popen(
         [*command, *flags, *process_flags],
-        cwd=_REPO,
+        cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log,
@@ -227,8 +226,8 @@ class MultiProcessTest(parameterized.TestCase):
     self.assertLossesMatch(train_losses(output_dir), reference)
     # One checkpoint per step, written together, laid out as one process's.
     self.assertEqual(
-      examples_test.checkpoint_steps(output_dir),
-      examples_test.checkpoint_steps(reference_dir),
+      checkpoint_steps(output_dir),
+      checkpoint_steps(reference_dir),
     )
     for _, stderr, _ in results:
       self.assertNotIn("Traceback", stderr)
@@ -243,7 +242,7 @@ class MultiProcessTest(parameterized.TestCase):
       expect=(_EXIT_PREEMPTED, _EXIT_PREEMPTED),
     )
     self.assertEqual(sorted(train_losses(output_dir)), [1, 2, 3])
-    self.assertEqual(examples_test.checkpoint_steps(output_dir), [2, 3])
+    self.assertEqual(checkpoint_steps(output_dir), [2, 3])
     for _, stderr, _ in results:
       self.assertIn("SIGTERM to process 1: stopped after step 3", stderr)
       self.assertNotIn("Traceback", stderr)
@@ -258,7 +257,7 @@ class MultiProcessTest(parameterized.TestCase):
     for _, stderr, _ in results:
       self.assertIn("Resumed from step 3.", stderr)
       self.assertIn("SIGINT to process 0: stopped after step 4", stderr)
-    self.assertEqual(examples_test.checkpoint_steps(output_dir), [3, 4])
+    self.assertEqual(checkpoint_steps(output_dir), [3, 4])
     _, results = self._run("addition", "--resume", output_dir=output_dir)
     for _, stderr, _ in results:
       self.assertIn("Resumed from step 4.", stderr)
@@ -279,7 +278,7 @@ class MultiProcessTest(parameterized.TestCase):
     gone = [line for line in stderr.splitlines() if "is gone" in line]
     self.assertLen(gone, 1, stderr)
     self.assertIn("process 1 is gone", gone[0])
-    newest = examples_test.checkpoint_steps(output_dir)[-1]
+    newest = checkpoint_steps(output_dir)[-1]
     self.assertIn(
       f"continue from the newest complete checkpoint, step {newest}.", gone[0]
     )

@@ -10,35 +10,18 @@ from absl.testing import absltest, parameterized
 
 import hk_rnn
 from hk_rnn_test import test_utils
-
-BATCH, TIME, INPUTS, FEATURES = 3, 6, 4, 5
-# Row 0 is padded, row 1 packs three segments, row 2 is full.
-PACKED_IDS = np.array(
-  [[1, 1, 1, 0, 0, 0], [2, 2, 5, 7, 7, 0], [3, 3, 3, 3, 3, 3]], np.int32
+from hk_rnn_test.rnn_helpers import (
+  BATCH,
+  FEATURES,
+  INPUTS,
+  LENGTHS,
+  PACKED_IDS,
+  PADDED_IDS,
+  TIME,
+  random_inputs,
+  rnn_fn,
+  zero_carry,
 )
-PADDED_IDS = np.array(
-  [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], np.int32
-)
-LENGTHS = np.array([3, 5, 6], np.int32)
-
-
-def _inputs(seed=0, shape=(BATCH, TIME, INPUTS)):
-  return jnp.asarray(
-    np.random.default_rng(seed).normal(size=shape), jnp.float32
-  )
-
-
-def _rnn_fn(kind, **rnn_options):
-  def forward(inputs, mask=None, **call_options):
-    cell = test_utils.CELLS[kind](FEATURES, name="cell")
-    return hk_rnn.RNN(cell, **rnn_options)(inputs, mask, **call_options)
-
-  return forward
-
-
-def _initial_carry(kind, batch=BATCH):
-  zeros = jnp.zeros((batch, FEATURES), jnp.float32)
-  return (zeros, zeros) if kind == "lstm" else zeros
 
 
 def _loss(carry, outputs):
@@ -67,7 +50,7 @@ class RNNMatchesReferenceTest(parameterized.TestCase):
     *itertools.product(["gru", "simple", "mgu"], ["lengths"], ["forward"]),
   )
   def test_values_and_gradients(self, kind, masking, direction):
-    inputs = _inputs()
+    inputs = random_inputs()
     reverse = direction != "forward"
     keep_order = direction == "reverse_keep_order"
     mask, call_options, ids = None, {}, np.ones((BATCH, TIME), np.int32)
@@ -78,7 +61,7 @@ class RNNMatchesReferenceTest(parameterized.TestCase):
       ids = PADDED_IDS if masking == "padded" else PACKED_IDS
       mask = jnp.asarray(ids)
     model = test_utils.transform(
-      _rnn_fn(kind, reverse=reverse, keep_order=keep_order)
+      rnn_fn(kind, reverse=reverse, keep_order=keep_order)
     )
     params = model.init(jax.random.PRNGKey(0), inputs, mask, **call_options)
 
@@ -92,7 +75,7 @@ class RNNMatchesReferenceTest(parameterized.TestCase):
           params["cell"],
           inputs,
           ids,
-          _initial_carry(kind),
+          zero_carry(kind),
           reverse=reverse,
           keep_order=keep_order,
         )
@@ -104,7 +87,7 @@ class RNNMatchesReferenceTest(parameterized.TestCase):
       params["cell"],
       inputs,
       ids,
-      _initial_carry(kind),
+      zero_carry(kind),
       reverse=reverse,
       keep_order=keep_order,
     )
@@ -123,12 +106,12 @@ class RNNPaddingTest(parameterized.TestCase):
     ("mgu", False, False),
   )
   def test_non_finite_padding_changes_nothing(self, kind, reverse, fused):
-    clean = _inputs()
+    clean = random_inputs()
     valid = jnp.asarray(PACKED_IDS != 0)[..., None]
     poison = jnp.where(jnp.arange(INPUTS) % 2 == 0, jnp.nan, jnp.inf)
     dirty = jnp.where(valid, clean, poison * jnp.ones_like(clean))
     mask = jnp.asarray(PACKED_IDS)
-    model = test_utils.transform(_rnn_fn(kind, reverse=reverse, fused=fused))
+    model = test_utils.transform(rnn_fn(kind, reverse=reverse, fused=fused))
     params = model.init(jax.random.PRNGKey(0), clean, mask)
 
     @jax.jit
@@ -148,17 +131,17 @@ class RNNPaddingTest(parameterized.TestCase):
 
   def test_padded_outputs_are_exactly_zero(self):
     _, (_, outputs) = test_utils.init_and_apply(
-      _rnn_fn("lstm"), _inputs(), jnp.asarray(PACKED_IDS)
+      rnn_fn("lstm"), random_inputs(), jnp.asarray(PACKED_IDS)
     )
     np.testing.assert_array_equal(np.asarray(outputs)[PACKED_IDS == 0], 0.0)
 
   @parameterized.parameters("lstm", "gru")
   def test_empty_row_returns_initial_carry(self, kind):
     ids = np.array([[0] * TIME, [1] * TIME], np.int32)
-    start = jax.tree.map(lambda leaf: leaf + 0.5, _initial_carry(kind, batch=2))
+    start = jax.tree.map(lambda leaf: leaf + 0.5, zero_carry(kind, batch=2))
     _, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn(kind),
-      _inputs(shape=(2, TIME, INPUTS)),
+      rnn_fn(kind),
+      random_inputs(shape=(2, TIME, INPUTS)),
       jnp.asarray(ids),
       initial_carry=start,
     )
@@ -180,7 +163,10 @@ class RNNPaddingTest(parameterized.TestCase):
       return hk_rnn.RNN(cell, fused=fused)(inputs, mask, initial_carry=carry)
 
     _, (carry, _) = test_utils.init_and_apply(
-      forward, _inputs(shape=(2, TIME, INPUTS)), jnp.asarray(ids), (start,) * 2
+      forward,
+      random_inputs(shape=(2, TIME, INPUTS)),
+      jnp.asarray(ids),
+      (start,) * 2,
     )
     for leaf in carry:
       self.assertEqual(leaf.dtype, jnp.bfloat16)
@@ -189,12 +175,12 @@ class RNNPaddingTest(parameterized.TestCase):
       self.assertFalse((leaf[0].astype(jnp.float32) == start[0]).any())
 
   def test_every_segment_starts_from_initial_carry(self):
-    inputs = _inputs()
+    inputs = random_inputs()
     start = jnp.asarray(
       np.random.default_rng(1).normal(size=(BATCH, FEATURES)), jnp.float32
     )
     params, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn("gru"), inputs, jnp.asarray(PACKED_IDS), initial_carry=start
+      rnn_fn("gru"), inputs, jnp.asarray(PACKED_IDS), initial_carry=start
     )
     expected = test_utils.reference_rnn(
       "gru", params["cell"], inputs, PACKED_IDS, start
@@ -202,21 +188,21 @@ class RNNPaddingTest(parameterized.TestCase):
     test_utils.tree_allclose(self, (carry, outputs), expected)
 
   def test_lengths_and_mask_agree(self):
-    inputs = _inputs()
+    inputs = random_inputs()
     params, by_mask = test_utils.init_and_apply(
-      _rnn_fn("lstm"), inputs, jnp.asarray(PADDED_IDS)
+      rnn_fn("lstm"), inputs, jnp.asarray(PADDED_IDS)
     )
-    by_lengths = test_utils.transform(_rnn_fn("lstm")).apply(
+    by_lengths = test_utils.transform(rnn_fn("lstm")).apply(
       params, inputs, seq_lengths=jnp.asarray(LENGTHS)
     )
     test_utils.tree_allclose(self, by_mask, by_lengths, atol=0, rtol=0)
 
   def test_bool_mask(self):
-    inputs = _inputs()
+    inputs = random_inputs()
     params, by_ints = test_utils.init_and_apply(
-      _rnn_fn("gru"), inputs, jnp.asarray(PADDED_IDS)
+      rnn_fn("gru"), inputs, jnp.asarray(PADDED_IDS)
     )
-    by_bools = test_utils.transform(_rnn_fn("gru")).apply(
+    by_bools = test_utils.transform(rnn_fn("gru")).apply(
       params, inputs, jnp.asarray(PADDED_IDS != 0)
     )
     test_utils.tree_allclose(self, by_ints, by_bools, atol=0, rtol=0)
@@ -225,33 +211,33 @@ class RNNPaddingTest(parameterized.TestCase):
 class RNNLayoutTest(parameterized.TestCase):
   @parameterized.parameters(False, True)
   def test_time_major_is_a_transpose(self, reverse):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     params, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn("lstm", reverse=reverse), inputs, mask
+      rnn_fn("lstm", reverse=reverse), inputs, mask
     )
     tm_carry, tm_outputs = test_utils.transform(
-      _rnn_fn("lstm", reverse=reverse, time_major=True)
+      rnn_fn("lstm", reverse=reverse, time_major=True)
     ).apply(params, inputs.transpose(1, 0, 2), mask.T)
     test_utils.tree_allclose(self, tm_carry, carry)
     test_utils.tree_allclose(self, tm_outputs.transpose(1, 0, 2), outputs)
 
   def test_call_overrides_constructor(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     params, expected = test_utils.init_and_apply(
-      _rnn_fn("gru", time_major=True), inputs.transpose(1, 0, 2), mask.T
+      rnn_fn("gru", time_major=True), inputs.transpose(1, 0, 2), mask.T
     )
-    outputs = test_utils.transform(_rnn_fn("gru", time_major=True)).apply(
+    outputs = test_utils.transform(rnn_fn("gru", time_major=True)).apply(
       params, inputs, mask, time_major=False, return_carry=False
     )
     test_utils.tree_allclose(self, outputs.transpose(1, 0, 2), expected[1])
 
   def test_several_batch_axes_flatten(self):
-    inputs = _inputs(shape=(2, 3, TIME, INPUTS))
+    inputs = random_inputs(shape=(2, 3, TIME, INPUTS))
     lengths = jnp.array([[0, 2, 6], [3, 4, 1]])
     params, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn("lstm"), inputs, seq_lengths=lengths
+      rnn_fn("lstm"), inputs, seq_lengths=lengths
     )
-    flat_carry, flat_outputs = test_utils.transform(_rnn_fn("lstm")).apply(
+    flat_carry, flat_outputs = test_utils.transform(rnn_fn("lstm")).apply(
       params, inputs.reshape(6, TIME, INPUTS), seq_lengths=lengths.reshape(6)
     )
     self.assertEqual(outputs.shape, (2, 3, TIME, FEATURES))
@@ -264,27 +250,27 @@ class RNNLayoutTest(parameterized.TestCase):
 
   @parameterized.parameters(False, True)
   def test_no_batch_axes(self, time_major):
-    inputs = _inputs()
+    inputs = random_inputs()
     params, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn("gru"), inputs[:1], jnp.asarray(PACKED_IDS[1:2])
+      rnn_fn("gru"), inputs[:1], jnp.asarray(PACKED_IDS[1:2])
     )
-    single = test_utils.transform(_rnn_fn("gru", time_major=time_major)).apply(
+    single = test_utils.transform(rnn_fn("gru", time_major=time_major)).apply(
       params, inputs[0], jnp.asarray(PACKED_IDS[1])
     )
     test_utils.tree_allclose(self, single, (carry[0], outputs[0]))
 
   def test_unroll_changes_nothing(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    params, expected = test_utils.init_and_apply(_rnn_fn("lstm"), inputs, mask)
-    unrolled = test_utils.transform(_rnn_fn("lstm", unroll=4)).apply(
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
+    params, expected = test_utils.init_and_apply(rnn_fn("lstm"), inputs, mask)
+    unrolled = test_utils.transform(rnn_fn("lstm", unroll=4)).apply(
       params, inputs, mask
     )
     test_utils.tree_allclose(self, unrolled, expected)
 
   def test_jit_and_vmap(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    model = test_utils.transform(_rnn_fn("lstm"))
-    params, expected = test_utils.init_and_apply(_rnn_fn("lstm"), inputs, mask)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
+    model = test_utils.transform(rnn_fn("lstm"))
+    params, expected = test_utils.init_and_apply(rnn_fn("lstm"), inputs, mask)
     jitted = jax.jit(model.apply)(params, inputs, mask)
     test_utils.tree_allclose(self, jitted, expected)
     # vmap over the batch of single rows equals the batched call.
@@ -292,9 +278,9 @@ class RNNLayoutTest(parameterized.TestCase):
     test_utils.tree_allclose(self, mapped, expected)
 
   def test_return_carry_false(self):
-    inputs = _inputs()
-    params, (_, expected) = test_utils.init_and_apply(_rnn_fn("simple"), inputs)
-    outputs = test_utils.transform(_rnn_fn("simple", return_carry=False)).apply(
+    inputs = random_inputs()
+    params, (_, expected) = test_utils.init_and_apply(rnn_fn("simple"), inputs)
+    outputs = test_utils.transform(rnn_fn("simple", return_carry=False)).apply(
       params, inputs
     )
     test_utils.tree_allclose(self, outputs, expected)
@@ -423,9 +409,9 @@ class RNNBadInputTest(parameterized.TestCase):
       hk.transform(forward).init(jax.random.PRNGKey(0), jnp.ones(shape))
 
   def test_traced_mask_is_accepted_under_jit(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    params, expected = test_utils.init_and_apply(_rnn_fn("gru"), inputs, mask)
-    model = test_utils.transform(_rnn_fn("gru"))
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
+    params, expected = test_utils.init_and_apply(rnn_fn("gru"), inputs, mask)
+    model = test_utils.transform(rnn_fn("gru"))
     test_utils.tree_allclose(
       self, jax.jit(model.apply)(params, inputs, mask), expected
     )
@@ -453,7 +439,7 @@ class CustomCellTest(absltest.TestCase):
           sample_inputs.shape[:-1] + (1,)
         )
 
-    inputs = _inputs()
+    inputs = random_inputs()
     _, ((total, count), outputs) = test_utils.init_and_apply(
       lambda x, m: hk_rnn.RNN(RunningSum())(x, m, reverse=True),
       inputs,
@@ -503,14 +489,14 @@ class FusedSequenceHookTest(absltest.TestCase):
   def test_padded_rows_run_in_the_cells_form(self):
     cell_type, calls = self._cell_and_calls()
     lengths = jnp.asarray(LENGTHS)
-    carry, outputs = self._run(cell_type, _inputs(), seq_lengths=lengths)
+    carry, outputs = self._run(cell_type, random_inputs(), seq_lengths=lengths)
     (steps,) = calls
     np.testing.assert_array_equal(steps.valid, PADDED_IDS.T != 0)
     self.assertIsNone(steps.reset)
     self.assertIsNone(steps.segment_starts)
     self.assertEqual(steps.unroll, 2)
     self.assertFalse(steps.return_step_carries)
-    x = np.asarray(_inputs())
+    x = np.asarray(random_inputs())
     expected = np.cumsum(x, axis=1) + 1.0
     expected[PADDED_IDS == 0] = 0
     np.testing.assert_allclose(outputs, expected, rtol=1e-6)
@@ -519,7 +505,7 @@ class FusedSequenceHookTest(absltest.TestCase):
     )
     lines = hk_rnn.explain(
       lambda x, lengths: self._run(cell_type, x, seq_lengths=lengths),
-      _inputs(),
+      random_inputs(),
       lengths,
     )
     self.assertEqual(
@@ -533,19 +519,19 @@ class FusedSequenceHookTest(absltest.TestCase):
   def test_none_falls_back_to_stepping_with_the_steps_rnn_computed(self):
     cell_type, calls = self._cell_and_calls()
     ids = jnp.asarray(PACKED_IDS)
-    carry, outputs = self._run(cell_type, _inputs(), ids, max_segments=3)
+    carry, outputs = self._run(cell_type, random_inputs(), ids, max_segments=3)
     (steps,) = calls
     starts = np.zeros_like(PACKED_IDS, bool)
     starts[:, 0] = True
     starts[:, 1:] = PACKED_IDS[:, 1:] != PACKED_IDS[:, :-1]
     np.testing.assert_array_equal(steps.reset, (starts & (PACKED_IDS != 0)).T)
     self.assertTrue(steps.return_step_carries)
-    x = np.asarray(_inputs())
+    x = np.asarray(random_inputs())
     # Row 1 packs [2, 2 | 5 | 7, 7]: stepped, each segment sums from zero.
     np.testing.assert_allclose(outputs[1, 3], x[1, 3], rtol=1e-6)
     np.testing.assert_allclose(carry[1, 2], x[1, 3] + x[1, 4], rtol=1e-6)
     lines = hk_rnn.explain(
-      lambda x, ids: self._run(cell_type, x, ids), _inputs(), ids
+      lambda x, ids: self._run(cell_type, x, ids), random_inputs(), ids
     )
     self.assertEqual(
       lines,
@@ -562,10 +548,10 @@ class RNNRematTest(parameterized.TestCase):
   @parameterized.product(remat=("step", "chunked"), reverse=(False, True))
   def test_matches_plain_scan(self, remat, reverse):
     # time 6 is not a multiple of the chunk (3), exercising the tail.
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
-    plain = test_utils.transform(_rnn_fn("lstm", reverse=reverse, fused=False))
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
+    plain = test_utils.transform(rnn_fn("lstm", reverse=reverse, fused=False))
     rematted = test_utils.transform(
-      _rnn_fn("lstm", reverse=reverse, remat=remat)
+      rnn_fn("lstm", reverse=reverse, remat=remat)
     )
     params = plain.init(jax.random.PRNGKey(0), inputs, mask)
 
@@ -590,14 +576,14 @@ class RNNRematTest(parameterized.TestCase):
     from hk_rnn._src.kernels import dispatch
 
     kernel = {"lstm": "lstm_sequence", "gru": "gru_sequence"}[kind]
-    inputs = _inputs()
+    inputs = random_inputs()
     if packed:
       masks = {"mask": jnp.asarray(PACKED_IDS)}
     else:
       masks = {"seq_lengths": jnp.asarray(LENGTHS)}
-    plain = test_utils.transform(_rnn_fn(kind, reverse=reverse, fused=False))
+    plain = test_utils.transform(rnn_fn(kind, reverse=reverse, fused=False))
     chunked = test_utils.transform(
-      _rnn_fn(kind, reverse=reverse, remat="chunked")
+      rnn_fn(kind, reverse=reverse, remat="chunked")
     )
     params = plain.init(jax.random.PRNGKey(0), inputs, **masks)
 
@@ -616,11 +602,11 @@ class RNNRematTest(parameterized.TestCase):
     test_utils.tree_allclose(self, got, run(plain), atol=1e-5)
 
   def test_chunked_without_mask_and_odd_length(self):
-    inputs = _inputs(shape=(2, 7, INPUTS))
+    inputs = random_inputs(shape=(2, 7, INPUTS))
     params, expected = test_utils.init_and_apply(
-      _rnn_fn("gru", fused=False), inputs
+      rnn_fn("gru", fused=False), inputs
     )
-    got = test_utils.transform(_rnn_fn("gru", remat="chunked")).apply(
+    got = test_utils.transform(rnn_fn("gru", remat="chunked")).apply(
       params, inputs
     )
     test_utils.tree_allclose(self, got, expected)
@@ -649,8 +635,8 @@ class RNNStreamingTest(parameterized.TestCase):
       ],
       np.int32,
     )
-    inputs = _inputs(shape=(4, time, INPUTS))
-    full_model = test_utils.transform(_rnn_fn(kind, fused=fused))
+    inputs = random_inputs(shape=(4, time, INPUTS))
+    full_model = test_utils.transform(rnn_fn(kind, fused=fused))
     params = full_model.init(jax.random.PRNGKey(0), inputs, jnp.asarray(ids))
     full_carry, full_outputs = full_model.apply(
       params, inputs, jnp.asarray(ids)
@@ -698,10 +684,10 @@ class RNNStreamingTest(parameterized.TestCase):
 
   def test_lengths_stream_with_carry_alone(self):
     """One sequence per row needs no segment ids: the carry continues."""
-    inputs, lengths = _inputs(), jnp.array([2, 5, 6])
-    model = test_utils.transform(_rnn_fn("gru"))
+    inputs, lengths = random_inputs(), jnp.array([2, 5, 6])
+    model = test_utils.transform(rnn_fn("gru"))
     params, (carry, outputs) = test_utils.init_and_apply(
-      _rnn_fn("gru"), inputs, seq_lengths=lengths
+      rnn_fn("gru"), inputs, seq_lengths=lengths
     )
     first_carry, first = model.apply(
       params, inputs[:, :3], seq_lengths=jnp.minimum(lengths, 3)
@@ -717,11 +703,26 @@ class RNNStreamingTest(parameterized.TestCase):
       self, jnp.concatenate([first, second], axis=1), outputs
     )
 
+  @parameterized.parameters(("gru", True), ("gru", False), ("lstm", True))
+  def test_an_empty_chunk_passes_the_carry_through(self, kind, fused):
+    """A stream's chunk may hold no step: the carry comes back as it went in."""
+    model = test_utils.transform(rnn_fn(kind, fused=fused))
+    params, (carry, _) = test_utils.init_and_apply(
+      rnn_fn(kind, fused=fused), random_inputs(), jnp.asarray(PACKED_IDS)
+    )
+    empty, empty_mask = random_inputs()[:, :0], jnp.zeros((BATCH, 0), jnp.int32)
+    ids = hk_rnn.last_segment_ids(jnp.asarray(PACKED_IDS))
+    same_carry, outputs = model.apply(
+      params, empty, empty_mask, initial_carry=carry, initial_segment_ids=ids
+    )
+    test_utils.tree_allclose(self, same_carry, carry, atol=0, rtol=0)
+    self.assertEqual(outputs.shape, (BATCH, 0, FEATURES))
+
   def test_streaming_rejects_reverse_and_bad_ids(self):
-    inputs, mask = _inputs(), jnp.asarray(PACKED_IDS)
+    inputs, mask = random_inputs(), jnp.asarray(PACKED_IDS)
     with self.assertRaisesRegex(ValueError, "initial_segment_ids .* reverse"):
       test_utils.init_and_apply(
-        _rnn_fn("gru", reverse=True),
+        rnn_fn("gru", reverse=True),
         inputs,
         mask,
         initial_segment_ids=jnp.ones((BATCH,), jnp.int32),
@@ -730,7 +731,7 @@ class RNNStreamingTest(parameterized.TestCase):
       ValueError, r"initial_segment_ids must be an integer array of shape"
     ):
       test_utils.init_and_apply(
-        _rnn_fn("gru"), inputs, mask, initial_segment_ids=jnp.ones((2,), int)
+        rnn_fn("gru"), inputs, mask, initial_segment_ids=jnp.ones((2,), int)
       )
 
   def test_last_segment_ids(self):

@@ -166,6 +166,35 @@ def value_and_grad(model, params, *args, **kwargs):
   return model.apply(params, *args, **kwargs), jax.grad(loss)(params)
 
 
+def weighted_sum_and_grads(model):
+  """Jitted ``(params, x, ids, carry, w_out, w_final) -> (final, y, grads)``.
+
+  ``model.apply(params, x, ids, carry)`` gives ``(final, y)``; ``grads`` are
+  those of ``Σ w_out·y + Σ w_final·final`` (``w_final`` shaped like
+  ``final``, leaf by leaf) with respect to the parameters, ``x`` and the
+  initial carry.
+  """
+
+  def loss(params, x, ids, carry, w_out, w_final):
+    final, outputs = model.apply(params, x, ids, carry)
+    total = jnp.sum(w_out * outputs) + sum(
+      jnp.sum(w * leaf)
+      for w, leaf in zip(
+        jax.tree.leaves(w_final), jax.tree.leaves(final), strict=True
+      )
+    )
+    return total, (final, outputs)
+
+  @jax.jit
+  def run(params, x, ids, carry, w_out, w_final):
+    grads, (final, outputs) = jax.grad(loss, (0, 1, 3), has_aux=True)(
+      params, x, ids, carry, w_out, w_final
+    )
+    return final, outputs, grads
+
+  return run
+
+
 # Row 0 is full, row 1 packs three segments, row 2 is padded, row 3 empty.
 PACKED_IDS = np.array(
   [

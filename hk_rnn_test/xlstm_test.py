@@ -160,22 +160,7 @@ def _model(kind, fused=True, **rnn_options):
     )
 
   model = test_utils.transform(forward)
-
-  def loss(params, x, ids, carry, w_out, w_final):
-    final, outputs = model.apply(params, x, ids, carry)
-    total = jnp.sum(w_out * outputs) + sum(
-      jnp.sum(w * leaf) for w, leaf in zip(w_final, final, strict=True)
-    )
-    return total, (final, outputs)
-
-  @jax.jit
-  def run(params, x, ids, carry, w_out, w_final):
-    grads, (final, outputs) = jax.grad(loss, (0, 1, 3), has_aux=True)(
-      params, x, ids, carry, w_out, w_final
-    )
-    return final, outputs, grads
-
-  return model, run
+  return model, test_utils.weighted_sum_and_grads(model)
 
 
 def _setup(kind, ids, seed=0):

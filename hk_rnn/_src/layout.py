@@ -215,8 +215,9 @@ class Batch:
       mask is traced, or when streaming continues some rows' carries).
     max_segments: None, or K: return the carry of each of K segments.
     streaming: ``initial_segment_ids`` was given.
-    continued: when streaming with a mask, bool ``(batch,)``: the rows
-      whose first segment continues the carry passed in.
+    continued: when streaming with a mask over at least one step, bool
+      ``(batch,)``: the rows whose first segment continues the carry passed
+      in; else None.
   """
 
   batch_shape: tuple[int, ...]
@@ -319,8 +320,9 @@ def _continued_rows(initial_segment_ids, ids, layout, context) -> Array | None:
       f"(*batch,) = {layout.batch_shape}, got {previous.dtype} "
       f"{tuple(previous.shape)}"
     )
-  if ids is None:
-    return None  # One unbroken sequence per row: the carry always continues.
+  if ids is None or not layout.time:
+    # One unbroken sequence per row, or no step at all: nothing restarts.
+    return None
   return ids[0] == previous.reshape(layout.batch_size)
 
 

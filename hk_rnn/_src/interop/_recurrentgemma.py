@@ -4,7 +4,7 @@ recurrentgemma's ``RGLRU`` becomes an :class:`~hk_rnn.RGLRUCell` and its
 ``RecurrentBlock`` (with the ``Conv1D`` and ``RGLRU`` inside it) a
 :class:`~hk_rnn.GriffinCell`; the two compute the same functions for the
 same weights. Sources and cells are matched one to one, in the order they
-were created, by the rule of ``interop.py`` (kept as given unless the keys
+were created, by the rule of ``_matching.py`` (kept as given unless the keys
 are sorted; then read from the names).
 """
 
@@ -17,11 +17,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hk_rnn._src.interop import (
+from hk_rnn._src.interop._matching import (
   Params,
-  _creation_order,
-  _is_sorted,
-  _is_sorted_tree,
+  creation_order,
+  is_sorted,
+  is_sorted_tree,
+  params_collection,
 )
 
 _CONTEXT = "from_recurrentgemma"
@@ -138,17 +139,17 @@ def _cell_units(params: Params) -> list[_Unit]:
   ]
   found.sort(key=lambda item: item[0])
   units = [unit for _, unit in found]
-  order = _creation_order(
+  order = creation_order(
     [tuple(unit.where.split("/")) for unit in units],
     [_KIND_NAMES[unit.kind] for unit in units],
-    _is_sorted(names),
+    is_sorted(names),
     _CONTEXT,
     "params",
   )
   return [units[index] for index in order]
 
 
-def _describe(unit: _Unit, source: bool) -> str:
+def _describe_unit(unit: _Unit, source: bool) -> str:
   if source:
     return f"{_SOURCE_NAMES[unit.kind]} '{unit.where}'"
   return f"cell '{unit.where}' ({_KIND_NAMES[unit.kind]})"
@@ -189,15 +190,9 @@ def from_recurrentgemma(
   Returns:
     A new params dict with those cells' weights replaced (dtypes kept).
   """
-  if isinstance(variables, Mapping) and isinstance(
-    variables.get("params"), Mapping
-  ):
-    variables = variables["params"]
-  if not isinstance(variables, Mapping):
-    raise ValueError(
-      f"{_CONTEXT}: variables must be recurrentgemma's Flax variables or "
-      f"their params collection (a mapping), got {type(variables).__name__}"
-    )
+  variables = params_collection(
+    variables, _CONTEXT, "recurrentgemma's Flax variables"
+  )
   if not isinstance(params, Mapping):
     raise ValueError(
       f"{_CONTEXT}: params must be an hk_rnn params dict (what init "
@@ -205,10 +200,10 @@ def from_recurrentgemma(
     )
   found: list = []
   _source_units(variables, (), found)
-  order = _creation_order(
+  order = creation_order(
     [path for path, _ in found],
     [_KIND_NAMES[unit.kind] for _, unit in found],
-    _is_sorted_tree(variables),
+    is_sorted_tree(variables),
     _CONTEXT,
     "the source's variables",
   )
@@ -221,9 +216,9 @@ def from_recurrentgemma(
   if len(sources) != len(cells):
     raise ValueError(
       f"{_CONTEXT}: the source has {len(sources)} RGLRU/RecurrentBlock "
-      f"modules ({', '.join(_describe(s, True) for s in sources)}), params "
-      f"have {len(cells)} RGLRUCell/GriffinCell cells "
-      f"({', '.join(_describe(c, False) for c in cells) or 'none'})"
+      f"modules ({', '.join(_describe_unit(s, True) for s in sources)}), "
+      f"params have {len(cells)} RGLRUCell/GriffinCell cells "
+      f"({', '.join(_describe_unit(c, False) for c in cells) or 'none'})"
     )
   loaded = {
     module: dict(entry) if isinstance(entry, Mapping) else entry
@@ -232,8 +227,8 @@ def from_recurrentgemma(
   for index, (source, cell) in enumerate(zip(sources, cells, strict=True)):
     if source.kind != cell.kind:
       raise ValueError(
-        f"{_CONTEXT}: {_describe(cell, False)} is cell {index}, but the "
-        f"source's module there is {_describe(source, True)}, which needs "
+        f"{_CONTEXT}: {_describe_unit(cell, False)} is cell {index}, but the "
+        f"source's module there is {_describe_unit(source, True)}, which needs "
         f"an hk_rnn.{_KIND_NAMES[source.kind]}"
       )
     for part, arrays in source.entries.items():
@@ -242,8 +237,8 @@ def from_recurrentgemma(
         have = tuple(np.shape(target[key]))
         if have != value.shape:
           raise ValueError(
-            f"{_CONTEXT}: {_describe(cell, False)} does not match the "
-            f"source's {_describe(source, True)}: "
+            f"{_CONTEXT}: {_describe_unit(cell, False)} does not match the "
+            f"source's {_describe_unit(source, True)}: "
             f"'{cell.where}{part}' {key} has shape {have}, the source's "
             f"{value.shape}"
           )
