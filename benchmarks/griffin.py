@@ -31,7 +31,6 @@ JSON on the last line (what the driver starts).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -87,9 +86,8 @@ def training_step(name: str, batch: int, length: int, width: int):
 def one_process(name: str, batch: int, length: int, width: int, calls: int):
   """Times ``calls`` steps after a warm-up; the report of one process."""
   step, memory_bytes = training_step(name, batch, length, width)
-  report = method.summarize(method.time_calls(step, calls=calls))
-  report["memory_bytes"] = memory_bytes
-  return report
+  samples = method.time_calls(step, calls=calls)
+  return method.report(samples, memory_bytes=memory_bytes)
 
 
 def markdown(results, meta) -> str:
@@ -139,12 +137,7 @@ def markdown(results, meta) -> str:
 
 
 def _versions() -> str:
-  from importlib import metadata  # noqa: PLC0415
-
-  return ", ".join(
-    f"{package} {metadata.version(package)}"
-    for package in ("jax", "jaxlib", "dm-haiku")
-  )
+  return method.versions("jax", "jaxlib", "dm-haiku")
 
 
 def main(argv=None) -> None:
@@ -156,12 +149,7 @@ def main(argv=None) -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--time", type=int, default=4096)
   parser.add_argument("--width", type=int, default=256)
-  parser.add_argument(
-    "--contenders",
-    default=",".join(CONTENDERS),
-    help=f"comma-separated, of: {', '.join(CONTENDERS)}",
-  )
-  parser.add_argument("--processes", type=int, default=3)
+  method.add_arguments(parser, CONTENDERS)
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument(
     "--tiny", action="store_true", help="B=2, T=16, width=8: a smoke test"
@@ -177,50 +165,23 @@ def main(argv=None) -> None:
       parser.error(f"--one: unknown contender {args.one!r}")
     print(json.dumps(one_process(args.one, *sizes, args.calls)))
     return
-  names = args.contenders.split(",")
-  for name in names:
-    if name not in CONTENDERS:
-      parser.error(
-        f"--contenders: unknown contender {name!r}; known: "
-        f"{', '.join(CONTENDERS)}"
-      )
-  if args.processes < 1:
-    parser.error(f"--processes must be at least 1, got {args.processes}")
-
-  def log(message):
-    print(message, file=sys.stderr, flush=True)
-
-  load_before = method.load_average()
-  warning = method.busy_warning(load_before)
-  if warning:
-    log(warning)
+  names = method.chosen(parser, args.contenders, CONTENDERS)
   one = [
-    sys.executable,
-    "-m",
-    "benchmarks.griffin",
     f"--batch={args.batch}",
     f"--time={args.time}",
     f"--width={args.width}",
     f"--calls={args.calls}",
   ]
-  results = method.measure(
-    {name: [*one, f"--one={name}"] for name in names},
-    processes=args.processes,
-    log=log,
-  )
-  command = " ".join(["python -m benchmarks.griffin", *(argv or sys.argv[1:])])
+  argv = sys.argv[1:] if argv is None else argv
+  with method.Session(
+    "benchmarks.griffin", argv, processes=args.processes, busy=args.busy
+  ) as session:
+    results = session.measure({name: [*one, f"--one={name}"] for name in names})
   meta = {
-    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "cpu": method.cpu_model(),
+    **session.meta(),
     "versions": _versions(),
     "kernels": os.environ.get("HK_RNN_KERNELS", "auto"),
-    "load_before": load_before,
-    "load_after": method.load_average(),
-    "header": method.header(
-      command, load_before, method.load_average(), args.processes
-    ),
-    "command": command,
-    "processes": args.processes,
+    "header": session.header(),
     "calls": args.calls,
     "batch": args.batch,
     "time": args.time,
@@ -233,6 +194,7 @@ def main(argv=None) -> None:
   with open(os.path.join(args.out, "griffin.json"), "w") as file:
     json.dump({"meta": meta, "results": results}, file, indent=1)
   print(table)
+  return results
 
 
 if __name__ == "__main__":

@@ -11,30 +11,38 @@ for:
 * hk_rnn's ``GRUCell`` and ``LSTMCell`` with their fused kernels;
 * PyTorch's ``nn.GRU`` when installed.
 
-One process; rounds interleave the contenders (the order rotates each
-round), each block starts with an untimed warm-up call, and the table gives
-the median over rounds, each time's ratio to the fused GRU's, and XLA's
-compiled temporary memory (``memory_analysis()``; none for PyTorch). The
-notes under each table check the targets of issue 12 at T = 4096: MinGRU's
-default path at most 1/3 of the fused GRU's time and at most 1/2 of its own
-step path's.
+The figures follow the project's method (``benchmarks/method.py``): each
+contender runs in processes of its own, ``--processes`` (at least 3) per
+contender in alternating order; inside a process a warm-up block, then
+``--rounds`` blocks of ``--iters`` steps (one at T ≥ 4096), of which the
+process reports the median time per step. The table gives the median of
+the processes' medians, their spread, each time's ratio to the fused GRU's,
+and the memory: XLA's compiled temporary buffers (``memory_analysis()``)
+for JAX, the peak resident set growth over three steps for PyTorch; with
+the CPU model and the load average before and after (and a warning when the
+machine was busy). ``--busy`` keeps one spinning process beside the
+benchmark. The notes under each table check the targets of issue 12 at
+T = 4096: MinGRU's default path at most 1/3 of the fused GRU's time and at
+most 1/2 of its own step path's.
 
-Run (a few minutes on two cores)::
+Run (on an otherwise idle machine)::
 
     python -m benchmarks.linear --out benchmarks/results
+
+``--one=NAME`` (with one ``--times`` value) runs one process of one
+contender and prints its report as JSON on the last line (what the driver
+starts).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import sys
 
-from benchmarks import run, timing
+from benchmarks import method, run
 
 FORMS = ("sequential", "chunked", "associative")
 
@@ -62,9 +70,9 @@ CONTENDERS = {
   contender.name: contender
   for contender in (
     *(
-      Contender(cell, method, fused)
+      Contender(cell, scan, fused)
       for cell in ("min_gru", "min_lstm")
-      for method, fused in (
+      for scan, fused in (
         ("auto", True),
         *((form, True) for form in FORMS),
         ("auto", False),
@@ -117,25 +125,16 @@ def _runner(contender: Contender, case: run.Case, inputs, lengths):
   )
 
 
-def time_case(case, names, rounds, iters, log):
-  """Median seconds and memory per contender for one case."""
-  inputs, lengths = run.make_data(case)
-  runners = {}
-  for name in names:
-    runner = _runner(CONTENDERS[name], case, inputs, lengths)
-    if runner is None:
-      continue
-    runner.run()  # compile and first-call costs stay out of every block
-    runners[name] = runner
-  results = timing.time_interleaved(
-    {name: runner.run for name, runner in runners.items()},
-    rounds=rounds,
-    iters=iters,
-    log=lambda message: log(f"  {case.name}:{message}"),
-  )
-  for name, result in results.items():
-    result["memory_bytes"] = runners[name].memory_bytes
-  return results
+def one_process(name: str, case: run.Case, rounds: int, iters: int) -> None:
+  """Times contender ``name`` on ``case`` in this process; prints its report."""
+  runner = _runner(CONTENDERS[name], case, *run.make_data(case))
+  if runner is None:
+    method.print_skip("torch is not installed")
+    return
+  if case.time >= 4096:
+    iters = 1
+  samples = method.time_blocks(runner.run, rounds=rounds, iters=iters)
+  method.print_report(samples, memory_bytes=runner.memory_bytes)
 
 
 def _targets(by_name) -> list[str]:
@@ -162,19 +161,20 @@ def markdown(results, cases, meta) -> str:
     "# Parallel-in-time cells: training-step benchmark",
     "",
     f"- date: {meta['date']}",
-    f"- machine: {meta['machine']}",
     f"- versions: {meta['versions']}",
-    f"- load average (1, 5, 15 min) before: {meta['load_before']}, "
-    f"after: {meta['load_after']}",
-    f"- command: `{meta['command']}`",
-    f"- rounds × iterations per block: {meta['rounds']} × {meta['iters']}",
+    *meta["header"],
+    f"- per process: a warm-up block, then {meta['rounds']} blocks of "
+    f"{meta['iters']} steps (1 at T >= 4096)",
     "",
-    "Times are medians over interleaved rounds; `÷ GRU` is the time over "
-    f"`{BASELINE}`'s in the same rounds. Memory: XLA's temporary buffers.",
+    "Times are medians of the per-process medians; `spread` is the range of "
+    f"the per-process medians; `÷ GRU` is the time over `{BASELINE}`'s. "
+    "Memory: XLA's temporary buffers (JAX) or peak RSS above baseline "
+    "(PyTorch).",
   ]
   for case_name, by_name in results.items():
     case = cases[case_name]
-    baseline = by_name.get(BASELINE)
+    timed = {n: r for n, r in by_name.items() if "median_s" in r}
+    baseline = timed.get(BASELINE)
     lines += [
       "",
       f"## B={case.batch}, T={case.time}, D={case.inputs}, F={case.features}",
@@ -183,18 +183,22 @@ def markdown(results, cases, meta) -> str:
       "|---|---:|---:|---:|---:|",
     ]
     for name, result in sorted(
-      by_name.items(), key=lambda item: item[1]["median_s"]
+      timed.items(), key=lambda item: item[1]["median_s"]
     ):
       median = result["median_s"]
       ratio = (
         "–" if baseline is None else f"{median / baseline['median_s']:.3f}"
       )
       lines.append(
-        f"| {name} | {median * 1e3:.1f} | {result['min_s'] * 1e3:.1f}–"
-        f"{result['max_s'] * 1e3:.1f} | {ratio} | "
-        f"{timing.format_bytes(result['memory_bytes'])} |"
+        f"| {name} | {median * 1e3:.1f} | {method.format_spread(result)} | "
+        f"{ratio} | {method.format_bytes(result.get('memory_bytes'))} |"
       )
-    targets = _targets(by_name)
+    skipped = [
+      f"{n} ({r['skipped']})" for n, r in by_name.items() if n not in timed
+    ]
+    if skipped:
+      lines += ["", f"Skipped: {', '.join(skipped)}."]
+    targets = _targets(timed)
     if targets:
       lines += ["", *targets]
   return "\n".join(lines) + "\n"
@@ -209,12 +213,10 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--times", default="256,1024,4096", help="comma-separated lengths T"
   )
+  method.add_arguments(parser, CONTENDERS)
   parser.add_argument(
-    "--contenders",
-    default=",".join(CONTENDERS),
-    help=f"comma-separated, of: {', '.join(CONTENDERS)}",
+    "--rounds", type=int, default=5, help="timed blocks per process"
   )
-  parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument(
     "--iters",
     type=int,
@@ -226,41 +228,40 @@ def main(argv=None) -> None:
     action="store_true",
     help="B=4, T=8, D=8, F=16 whatever --times says: a smoke test",
   )
+  parser.add_argument("--one", help="run one process of this contender")
   parser.add_argument("--out", default="runs/benchmarks", help="output folder")
   args = parser.parse_args(argv)
-  names = args.contenders.split(",")
-  for name in names:
-    if name not in CONTENDERS:
-      parser.error(
-        f"--contenders: unknown contender {name!r}; known: "
-        f"{', '.join(CONTENDERS)}"
-      )
-  times = [int(t) for t in args.times.split(",")]
+  names = method.chosen(parser, args.one or args.contenders, CONTENDERS)
   cases = {}
-  for time in times:
+  for time in (int(t) for t in args.times.split(",")):
     case = _case(time, args.tiny)
     cases[case.name] = case
-
-  log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-  load_before = tuple(round(x, 2) for x in os.getloadavg())
-  log(f"load average before: {load_before}")
-  results = {}
-  for name, case in cases.items():
-    log(f"{name}: compiling and timing")
-    iters = 1 if case.time >= 4096 else args.iters
-    results[name] = time_case(case, names, args.rounds, iters, log)
+  if args.one:
+    if len(cases) != 1:
+      parser.error(f"--one needs one --times value, got {args.times!r}")
+    one_process(args.one, *cases.values(), args.rounds, args.iters)
+    return
+  options = [f"--rounds={args.rounds}", f"--iters={args.iters}"]
+  options += ["--tiny"] if args.tiny else []
+  argv = sys.argv[1:] if argv is None else argv
+  with method.Session(
+    "benchmarks.linear", argv, processes=args.processes, busy=args.busy
+  ) as session:
+    results = {}
+    for case_name, case in cases.items():
+      session.log(f"{case_name}:")
+      results[case_name] = session.measure(
+        {
+          name: [f"--one={name}", f"--times={case.time}", *options]
+          for name in names
+        }
+      )
   meta = {
-    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "machine": f"{platform.processor() or platform.machine()}, "
-    f"{os.cpu_count()} cores, {platform.system()}",
-    "versions": run._versions(),  # noqa: SLF001
-    "load_before": load_before,
-    "load_after": tuple(round(x, 2) for x in os.getloadavg()),
-    "command": " ".join(
-      ["python -m benchmarks.linear", *(argv or sys.argv[1:])]
-    ),
+    **session.meta(),
+    "versions": method.versions("jax", "jaxlib", "dm-haiku", "torch"),
+    "header": session.header(),
     "rounds": args.rounds,
-    "iters": f"{args.iters} (1 at T >= 4096)",
+    "iters": args.iters,
   }
   os.makedirs(args.out, exist_ok=True)
   table = markdown(results, cases, meta)
@@ -269,6 +270,7 @@ def main(argv=None) -> None:
   with open(os.path.join(args.out, "linear.json"), "w") as file:
     json.dump({"meta": meta, "results": results}, file, indent=1)
   print(table)
+  return results
 
 
 if __name__ == "__main__":

@@ -17,10 +17,21 @@ Every figure the project publishes is taken this way:
 :func:`measure` runs the processes; each benchmark module supplies the
 command of one process, which prints one JSON object on its last line of
 standard output (at least ``{"median_s": ...}``).
+
+A harness has two halves, both here once:
+
+* the process of one contender times its step with :func:`time_blocks`
+  (or :func:`time_calls`) and prints its report with :func:`print_report`
+  (or :func:`print_skip` where it cannot run);
+* the driver adds the method's flags (:func:`add_arguments`: ``--processes``,
+  ``--busy``) and runs the contenders' processes in a :class:`Session`,
+  which records the machine and the load and writes the results header.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import shutil
@@ -100,6 +111,52 @@ def time_calls(
   return samples
 
 
+def time_blocks(
+  run: Callable[[], Any], *, rounds: int, iters: int, warmup: int = 1
+) -> list[float]:
+  """Seconds per call of ``run``: ``rounds`` samples, each the mean of a
+  block of ``iters`` calls, after ``warmup`` untimed blocks."""
+
+  def block():
+    for _ in range(iters):
+      run()
+
+  return [s / iters for s in time_calls(block, calls=rounds, warmup=warmup)]
+
+
+def report(samples: Sequence[float], **figures: Any) -> dict[str, Any]:
+  """One process's report: :func:`summarize` of ``samples``, the extra
+  ``figures`` (such as ``memory_bytes``) and this process's id, by which a
+  run shows that every contender had processes of its own."""
+  return {**summarize(samples), **figures, "pid": os.getpid()}
+
+
+def print_report(samples: Sequence[float], **figures: Any) -> None:
+  """Prints :func:`report` as the JSON line :func:`measure` reads."""
+  print(json.dumps(report(samples, **figures)), flush=True)
+
+
+def print_skip(reason: str) -> None:
+  """Prints the report of a contender that cannot run here, and why."""
+  print(json.dumps({"skipped": reason}), flush=True)
+
+
+def compiled_temp_bytes(compiled) -> int | None:
+  """XLA's temporary buffer size of a compiled JAX computation, if known."""
+  memory = compiled.memory_analysis()
+  return None if memory is None else int(memory.temp_size_in_bytes)
+
+
+def format_bytes(count: int | None) -> str:
+  return "–" if count is None else f"{count / 2**20:.1f} MiB"
+
+
+def format_spread(result: dict[str, Any], digits: int = 1) -> str:
+  """The lowest and highest per-process median of a result, in ms."""
+  medians = result["process_medians_s"]
+  return f"{min(medians) * 1e3:.{digits}f}–{max(medians) * 1e3:.{digits}f}"
+
+
 class BusyNeighbour:
   """A process spinning on one core beside the benchmark, while in use."""
 
@@ -110,6 +167,10 @@ class BusyNeighbour:
   def __exit__(self, *exc_info: Any) -> None:
     self._process.kill()
     self._process.wait()
+
+  @property
+  def running(self) -> bool:
+    return self._process.poll() is None
 
 
 def measure(
@@ -134,13 +195,15 @@ def measure(
   Returns:
     For each contender that ran: ``median_s`` (median of the per-process
     medians), ``p99_s`` (median of the per-process p99s, where reported),
-    ``process_medians_s`` and every process's full report; for a contender
-    that skipped, ``{"skipped": reason}``.
+    ``process_medians_s``, every process's full report and the
+    ``command``; for a contender that skipped, ``{"skipped": reason}``.
   """
   names = list(commands)
   reports: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
   skipped: dict[str, str] = {}
-  full_env = {**os.environ, **(env or {})}
+  # ``python -m benchmarks.x`` finds the modules this process found.
+  path = os.pathsep.join(p for p in sys.path if p)
+  full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
   for round_index in range(processes):
     order = names if round_index % 2 == 0 else names[::-1]
     for name in order:
@@ -173,6 +236,7 @@ def measure(
       continue
     medians = [r["median_s"] for r in reports[name]]
     entry = {
+      "command": commands[name],
       "median_s": statistics.median(medians),
       "process_medians_s": medians,
       "processes": reports[name],
@@ -188,7 +252,9 @@ def measure(
   return summary
 
 
-def header(command: str, load_before, load_after, processes: int) -> list[str]:
+def header(
+  command: str, load_before, load_after, processes: int, busy: bool = False
+) -> list[str]:
   """The Markdown lines every results file starts with."""
   lines = [
     f"- CPU: {cpu_model()}",
@@ -198,7 +264,157 @@ def header(command: str, load_before, load_after, processes: int) -> list[str]:
     "(benchmarks/method.py)",
     f"- command: `{command}`",
   ]
+  if busy:
+    lines.append("- one busy process beside the benchmark (`--busy`)")
   warning = busy_warning(load_before)
   if warning:
     lines.insert(0, f"- **{warning}**")
   return lines
+
+
+def versions(*packages: str) -> str:
+  """``"package version, ..."`` of those of ``packages`` installed."""
+  import importlib.metadata  # noqa: PLC0415
+
+  found = []
+  for package in packages:
+    try:
+      found.append(f"{package} {importlib.metadata.version(package)}")
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return ", ".join(found)
+
+
+def _at_least_one(text: str) -> int:
+  try:
+    count = int(text)
+  except ValueError:
+    count = 0
+  if count < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return count
+
+
+def add_arguments(parser, contenders: Sequence[str] = ()) -> None:
+  """The method's flags: ``--processes`` and ``--busy``, and with
+  ``contenders``, ``--contenders`` (a comma-separated choice of them, all
+  by default; :func:`chosen` reads it)."""
+  if contenders:
+    parser.add_argument(
+      "--contenders",
+      default=",".join(contenders),
+      help=f"comma-separated, of: {', '.join(contenders)}",
+    )
+  parser.add_argument(
+    "--processes",
+    type=_at_least_one,
+    default=3,
+    help="processes per contender, in alternating order (at least 3 for "
+    "published figures)",
+  )
+  parser.add_argument(
+    "--busy",
+    action="store_true",
+    help="keep one spinning process beside the benchmark",
+  )
+
+
+def chosen(parser, names: str, contenders: Sequence[str]) -> list[str]:
+  """The contenders named in ``names`` (comma-separated); a parser error
+  naming the flag and the known ones for any other name."""
+  chosen_names = names.split(",")
+  for name in chosen_names:
+    if name not in contenders:
+      parser.error(
+        f"--contenders: unknown contender {name!r}; known: "
+        f"{', '.join(contenders)}"
+      )
+  return chosen_names
+
+
+def _log_to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+class Session:
+  """One driver run: each contender's processes, the machine and the load.
+
+  Entering records the CPU and the load (and warns when the machine is
+  busy) and, with ``busy``, starts a :class:`BusyNeighbour`; leaving
+  records the load after. ``module`` is the harness, which
+  ``python -m module *args`` runs for one process of one contender.
+
+  Example::
+
+    with method.Session("benchmarks.x", argv, processes=3) as session:
+      results = session.measure({"a": ["--one=a"], "b": ["--one=b"]})
+    lines = session.header()
+  """
+
+  def __init__(
+    self,
+    module: str,
+    argv: Sequence[str],
+    *,
+    processes: int,
+    busy: bool = False,
+    log: Callable[[str], None] = _log_to_stderr,
+  ):
+    if processes < 1:
+      raise ValueError(f"processes must be at least 1, got {processes}")
+    self.module = module
+    self.command = " ".join([f"python -m {module}", *argv])
+    self.processes = processes
+    self.busy = busy
+    self.log = log
+    self.neighbour: BusyNeighbour | None = None
+
+  def __enter__(self) -> Session:
+    self.date = datetime.datetime.now().isoformat(timespec="seconds")
+    self.load_before = load_average()
+    self.load_after = None
+    self.log(f"CPU: {cpu_model()}; load average before: {self.load_before}")
+    warning = busy_warning(self.load_before)
+    if warning:
+      self.log(warning)
+    if self.busy:
+      self.neighbour = BusyNeighbour().__enter__()
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    if self.neighbour is not None:
+      self.neighbour.__exit__(*exc_info)
+    self.load_after = load_average()
+
+  def measure(self, arguments: dict[str, list[str]]) -> dict[str, Any]:
+    """:func:`measure` of ``python -m module *arguments[name]`` per name."""
+    return measure(
+      {
+        name: [sys.executable, "-m", self.module, *args]
+        for name, args in arguments.items()
+      },
+      processes=self.processes,
+      log=self.log,
+    )
+
+  def header(self) -> list[str]:
+    """:func:`header`'s lines for this run (after it ended)."""
+    return header(
+      self.command,
+      self.load_before,
+      self.load_after,
+      self.processes,
+      self.busy,
+    )
+
+  def meta(self) -> dict[str, Any]:
+    """What a results JSON file records of this run."""
+    return {
+      "date": self.date,
+      "cpu": cpu_model(),
+      "load_before": self.load_before,
+      "load_after": self.load_after,
+      "command": self.command,
+      "processes": self.processes,
+      "busy": self.busy,
+    }

@@ -1,8 +1,8 @@
 r"""Real tokens per second of a bidirectional LSTM on long-tailed lengths.
 
 One set of sequences (log-normal lengths, median ``--median``, clipped to
-``[1, --max_length]``) is run by every contender in one process, a jitted
-(or eager, for PyTorch) training step: forward and backward of
+``[1, --max_length]``) is run by every contender, a jitted (or eager, for
+PyTorch) training step: forward and backward of
 ``loss = Σ outputs + Σ carries`` with respect to the parameters.
 
 * ``hk_rnn_packed``: ``pack_sequences`` into rows of ``--row_length``,
@@ -19,9 +19,17 @@ One set of sequences (log-normal lengths, median ``--median``, clipped to
 * ``flax_padded``: ``nn.Bidirectional`` of ``nn.RNN(OptimizedLSTMCell)``
   with ``seq_lengths``.
 
-Throughput counts real (non-padding) steps only. Rounds interleave the
-contenders (``benchmarks/timing.py``); the table gives medians. Packing time
-is ``pack_sequences``' own, per batch, on the host.
+Throughput counts real (non-padding) steps only. The figures follow the
+project's method (``benchmarks/method.py``): each contender runs in
+processes of its own, ``--processes`` (at least 3) per contender in
+alternating order; inside a process a warm-up block, then ``--rounds``
+blocks of ``--iters`` steps, of which the process reports the median time
+per step and, for JAX, XLA's compiled temporary memory. The table gives the
+median of the processes' medians and their spread, with the CPU model and
+the load average before and after (and a warning when the machine was
+busy); ``--busy`` keeps one spinning process beside the benchmark. Packing
+time is ``pack_sequences``' own, per batch, on the host (the driver's,
+median of 5).
 
     python -m benchmarks.packing                  # 128 and 512 sequences
     python -m benchmarks.packing --out benchmarks/results
@@ -29,22 +37,34 @@ is ``pack_sequences``' own, per batch, on the host.
 
 ``--pack_only N`` times ``pack_sequences`` alone on N sequences of the same
 length mix (CPU seconds, median of 5, scalar and 8 features per step): the
-host-side cost of packing a data pipeline's batches.
+host-side cost of packing a data pipeline's batches. ``--one=NAME`` (with
+one ``--sizes`` value) runs one process of one contender and prints its
+report as JSON on the last line (what the driver starts).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks import timing
+from benchmarks import method
+
+CONTENDERS = (
+  "hk_rnn_packed",
+  "hk_rnn_packed_last_carry",
+  "hk_rnn_padded",
+  "flax_padded",
+  "torch_packed",
+  "torch_padded",
+)
 
 
 def draw_lengths(count, median, max_length, seed):
@@ -80,11 +100,12 @@ def _jitted_grad(loss, params, *args):
   compiled = jax.jit(jax.grad(loss)).lower(params, *args).compile()
   return (
     lambda: jax.block_until_ready(compiled(params, *args)),
-    timing.compiled_temp_bytes(compiled),
+    method.compiled_temp_bytes(compiled),
   )
 
 
-def hk_rnn_contenders(sequences, features, row_length):
+def hk_rnn_contender(name, sequences, features, row_length):
+  """``(run, XLA temporaries)`` of one of the ``hk_rnn_*`` contenders."""
   import haiku as hk
   import jax
   import jax.numpy as jnp
@@ -100,50 +121,52 @@ def hk_rnn_contenders(sequences, features, row_length):
   model = hk.without_apply_rng(
     hk.transform(lambda x, mask, **options: bidirectional()(x, mask, **options))
   )
-  start = time.perf_counter()
   packed = hk_rnn.pack_sequences(sequences, row_length)
-  packing_s = time.perf_counter() - start
   inputs = jnp.asarray(packed.inputs)
   mask = jnp.asarray(packed.segmentation_mask)
   params = model.init(jax.random.key(0), inputs, mask)
+  if name == "hk_rnn_padded":
+    padded, lengths = padded_batch(sequences)
 
-  def packed_loss(max_segments):
-    def loss(params, inputs, mask):
-      carries, outputs = model.apply(
-        params, inputs, mask, max_segments=max_segments
-      )
+    def padded_loss(params, inputs, lengths):
+      carries, outputs = model.apply(params, inputs, None, seq_lengths=lengths)
       return jnp.sum(outputs) + _sum_all(carries)
 
-    return loss
+    return _jitted_grad(
+      padded_loss, params, jnp.asarray(padded), jnp.asarray(lengths)
+    )
+  max_segments = packed.max_segments if name == "hk_rnn_packed" else None
 
-  padded, lengths = padded_batch(sequences)
-
-  def padded_loss(params, inputs, lengths):
-    carries, outputs = model.apply(params, inputs, None, seq_lengths=lengths)
+  def packed_loss(params, inputs, mask):
+    carries, outputs = model.apply(
+      params, inputs, mask, max_segments=max_segments
+    )
     return jnp.sum(outputs) + _sum_all(carries)
 
-  runners = {
-    "hk_rnn_packed": _jitted_grad(
-      packed_loss(packed.max_segments), params, inputs, mask
-    ),
-    "hk_rnn_packed_last_carry": _jitted_grad(
-      packed_loss(None), params, inputs, mask
-    ),
-    "hk_rnn_padded": _jitted_grad(
-      padded_loss, params, jnp.asarray(padded), jnp.asarray(lengths)
-    ),
-  }
-  layout = {
+  return _jitted_grad(packed_loss, params, inputs, mask)
+
+
+def layout(sequences, row_length) -> dict:
+  """The packed and the padded batch's shapes, and ``pack_sequences``' time
+  (median of 5, milliseconds)."""
+  import hk_rnn
+
+  packing_ms = []
+  for _ in range(5):
+    start = time.perf_counter()
+    packed = hk_rnn.pack_sequences(sequences, row_length)
+    packing_ms.append(1e3 * (time.perf_counter() - start))
+  return {
     "packed_rows": packed.num_rows,
     "packed_max_segments": packed.max_segments,
     "packed_fill": packed.fill,
-    "padded_shape": list(padded.shape[:2]),
-    "packing_ms": 1e3 * packing_s,
+    "padded_shape": [len(sequences), max(len(s) for s in sequences)],
+    "packing_ms": statistics.median(packing_ms),
   }
-  return runners, layout
 
 
 def flax_contender(sequences, features):
+  """``(run, XLA temporaries)`` of ``flax_padded``."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -158,10 +181,11 @@ def flax_contender(sequences, features):
     carries, outputs = module.apply(params, inputs, seq_lengths=lengths)
     return jnp.sum(outputs) + _sum_all(carries)
 
-  return {"flax_padded": _jitted_grad(loss, params, inputs, lengths)}
+  return _jitted_grad(loss, params, inputs, lengths)
 
 
-def torch_contenders(sequences, features):
+def torch_contender(name, sequences, features):
+  """``(run, None)`` of ``torch_packed`` or ``torch_padded``."""
   import torch
   from torch.nn.utils import rnn as torch_rnn
 
@@ -190,10 +214,7 @@ def torch_contenders(sequences, features):
 
     return run
 
-  return {
-    "torch_packed": (step(True), None),
-    "torch_padded": (step(False), None),
-  }
+  return step(name == "torch_packed"), None
 
 
 def time_packing(count, args) -> str:
@@ -224,68 +245,55 @@ def time_packing(count, args) -> str:
   return "\n".join(lines)
 
 
-def run_size(count, args, log) -> dict:
+def one_process(name: str, count: int, args) -> None:
+  """Times contender ``name`` on ``count`` sequences; prints its report."""
   lengths = draw_lengths(count, args.median, args.max_length, args.seed)
   sequences = draw_sequences(lengths, args.inputs, args.seed)
-  runners, layout = hk_rnn_contenders(sequences, args.features, args.row_length)
-  try:
-    runners.update(flax_contender(sequences, args.features))
-  except ImportError:
-    log("flax not installed: skipped")
-  try:
-    runners.update(torch_contenders(sequences, args.features))
-  except ImportError:
-    log("torch not installed: skipped")
-  packing_ms = []
-  for _ in range(5):
-    start = time.perf_counter()
-    import hk_rnn
+  if name.startswith("hk_rnn"):
+    run, memory_bytes = hk_rnn_contender(
+      name, sequences, args.features, args.row_length
+    )
+  else:
+    peer = "flax" if name == "flax_padded" else "torch"
+    if importlib.util.find_spec(peer) is None:
+      method.print_skip(f"{peer} is not installed")
+      return
+    if peer == "flax":
+      run, memory_bytes = flax_contender(sequences, args.features)
+    else:
+      run, memory_bytes = torch_contender(name, sequences, args.features)
+  samples = method.time_blocks(run, rounds=args.rounds, iters=args.iters)
+  method.print_report(samples, memory_bytes=memory_bytes)
 
-    hk_rnn.pack_sequences(sequences, args.row_length)
-    packing_ms.append(1e3 * (time.perf_counter() - start))
-  layout["packing_ms"] = statistics.median(packing_ms)
-  timed = timing.time_interleaved(
-    {name: run for name, (run, _) in runners.items()},
-    rounds=args.rounds,
-    iters=args.iters,
-    log=log,
-  )
+
+def _summary(count, args, results) -> dict:
+  """One size's layout, tokens and results, with tokens per second."""
+  lengths = draw_lengths(count, args.median, args.max_length, args.seed)
   tokens = int(lengths.sum())
-  results = {}
-  for name, figures in timed.items():
-    results[name] = {
-      "median_s": figures["median_s"],
-      "min_s": figures["min_s"],
-      "max_s": figures["max_s"],
-      "tokens_per_s": tokens / figures["median_s"],
-      "memory_bytes": runners[name][1],
-    }
+  for result in results.values():
+    if "median_s" in result:
+      result["tokens_per_s"] = tokens / result["median_s"]
   return {
     "sequences": count,
     "real_tokens": tokens,
-    **layout,
+    **layout(draw_sequences(lengths, args.inputs, args.seed), args.row_length),
     "results": results,
   }
 
 
-def markdown(runs, meta) -> str:
+def markdown(runs, header) -> str:
   lines = [
     "# Packed vs padded: bidirectional LSTM training step",
     "",
-    meta,
+    *header,
+    "",
+    "Step: median of the per-process medians; `spread`: the lowest and "
+    "highest process median.",
     "",
   ]
   for run in runs:
-    results = run["results"]
-    packed = results["hk_rnn_packed"]["tokens_per_s"]
-    torch_best = max(
-      (
-        results[n]["tokens_per_s"]
-        for n in ("torch_packed", "torch_padded")
-        if n in results
-      ),
-      default=None,
-    )
+    results = {n: r for n, r in run["results"].items() if "median_s" in r}
+    packed = results.get("hk_rnn_packed")
     lines += [
       f"## {run['sequences']} sequences, {run['real_tokens']} real tokens",
       "",
@@ -295,32 +303,53 @@ def markdown(runs, meta) -> str:
       f"{run['padded_shape'][0]} rows of {run['padded_shape'][1]}. "
       f"`pack_sequences` took {run['packing_ms']:.1f} ms.",
       "",
-      "| contender | step (median) | real tokens/s | hk_rnn packed ÷ it | XLA temp |",
-      "|---|---|---|---|---|",
+      "| contender | step (median) | spread ms | real tokens/s "
+      "| hk_rnn packed ÷ it | XLA temp |",
+      "|---|---|---|---|---|---|",
     ]
     for name, figures in results.items():
+      ratio = (
+        "–"
+        if packed is None
+        else f"{packed['tokens_per_s'] / figures['tokens_per_s']:.2f}×"
+      )
       lines.append(
         f"| {name} | {1e3 * figures['median_s']:.1f} ms | "
-        f"{figures['tokens_per_s'] / 1e3:.1f} k | "
-        f"{packed / figures['tokens_per_s']:.2f}× | "
-        f"{timing.format_bytes(figures['memory_bytes'])} |"
+        f"{method.format_spread(figures)} | "
+        f"{figures['tokens_per_s'] / 1e3:.1f} k | {ratio} | "
+        f"{method.format_bytes(figures.get('memory_bytes'))} |"
       )
-    cost = (
-      results["hk_rnn_packed"]["median_s"]
-      / results["hk_rnn_packed_last_carry"]["median_s"]
-      - 1
-    )
-    lines += [
-      "",
-      f"Per-segment carries cost {100 * cost:+.1f}% of the packed step's time "
-      f"(XLA temporaries "
-      f"{timing.format_bytes(results['hk_rnn_packed']['memory_bytes'])} vs "
-      f"{timing.format_bytes(results['hk_rnn_packed_last_carry']['memory_bytes'])}).",
+    skipped = [
+      f"{n} ({r['skipped']})"
+      for n, r in run["results"].items()
+      if "skipped" in r
     ]
-    if torch_best:
+    lines.append("")
+    if skipped:
+      lines.append(f"Skipped: {', '.join(skipped)}.")
+    last_carry = results.get("hk_rnn_packed_last_carry")
+    if packed is not None and last_carry is not None:
+      cost = packed["median_s"] / last_carry["median_s"] - 1
       lines.append(
-        f"hk_rnn packed: {packed / results['hk_rnn_padded']['tokens_per_s']:.2f}× "
-        f"hk_rnn padded, {packed / torch_best:.2f}× PyTorch's faster layout."
+        f"Per-segment carries cost {100 * cost:+.1f}% of the packed step's "
+        "time (XLA temporaries "
+        f"{method.format_bytes(packed.get('memory_bytes'))} vs "
+        f"{method.format_bytes(last_carry.get('memory_bytes'))})."
+      )
+    torch_best = max(
+      (
+        results[n]["tokens_per_s"]
+        for n in ("torch_packed", "torch_padded")
+        if n in results
+      ),
+      default=None,
+    )
+    if packed is not None and torch_best and "hk_rnn_padded" in results:
+      lines.append(
+        f"hk_rnn packed: "
+        f"{packed['tokens_per_s'] / results['hk_rnn_padded']['tokens_per_s']:.2f}× "
+        f"hk_rnn padded, {packed['tokens_per_s'] / torch_best:.2f}× PyTorch's "
+        "faster layout."
       )
     lines.append("")
   return "\n".join(lines)
@@ -334,8 +363,11 @@ def main(argv=None) -> None:
   parser.add_argument("--row_length", type=int, default=256)
   parser.add_argument("--inputs", type=int, default=64)
   parser.add_argument("--features", type=int, default=128)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--iters", type=int, default=1)
+  method.add_arguments(parser, CONTENDERS)
+  parser.add_argument(
+    "--rounds", type=int, default=5, help="timed blocks per process"
+  )
+  parser.add_argument("--iters", type=int, default=1, help="steps per block")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
     "--out", default=None, help="folder for packing.{md,json}"
@@ -347,32 +379,58 @@ def main(argv=None) -> None:
     metavar="N",
     help="only time pack_sequences on N sequences",
   )
+  parser.add_argument("--one", help="run one process of this contender")
   args = parser.parse_args(argv)
   if args.pack_only:
     print(time_packing(args.pack_only, args))
     return
-  log = lambda message: print(message, flush=True)  # noqa: E731
+  names = method.chosen(parser, args.one or args.contenders, CONTENDERS)
+  if args.one:
+    if len(args.sizes) != 1:
+      parser.error(f"--one needs one --sizes value, got {args.sizes}")
+    one_process(args.one, args.sizes[0], args)
+    return
+  options = [
+    f"--{flag}={getattr(args, flag)}"
+    for flag in (
+      "median", "max_length", "row_length", "inputs", "features", "rounds",
+      "iters", "seed",
+    )
+  ]  # fmt: skip
+  argv = sys.argv[1:] if argv is None else argv
   runs = []
-  for count in args.sizes:
-    log(f"{count} sequences")
-    runs.append(run_size(count, args, log))
-  load = os.getloadavg()
-  meta = (
-    f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-    f"{os.cpu_count()} cores, load average {load[0]:.1f}/{load[1]:.1f}/"
-    f"{load[2]:.1f}; inputs {args.inputs}, hidden {args.features}, lengths "
-    f"log-normal (median {args.median:g}, σ 1) clipped to [1, "
-    f"{args.max_length}], rows of {args.row_length}; {args.rounds} "
-    "interleaved rounds, medians."
-  )
-  text = markdown(runs, meta)
+  with method.Session(
+    "benchmarks.packing", argv, processes=args.processes, busy=args.busy
+  ) as session:
+    for count in args.sizes:
+      session.log(f"{count} sequences:")
+      results = session.measure(
+        {
+          name: [f"--one={name}", f"--sizes={count}", *options]
+          for name in names
+        }
+      )
+      runs.append(_summary(count, args, results))
+  header = [
+    f"- date: {session.date}",
+    "- versions: "
+    + method.versions("jax", "jaxlib", "dm-haiku", "flax", "torch"),
+    *session.header(),
+    f"- inputs {args.inputs}, hidden {args.features}, lengths log-normal "
+    f"(median {args.median:g}, σ 1) clipped to [1, {args.max_length}], rows "
+    f"of {args.row_length}",
+    f"- per process: a warm-up block, then {args.rounds} blocks of "
+    f"{args.iters} steps",
+  ]
+  text = markdown(runs, header)
   print(text)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "packing.md"), "w") as f:
       f.write(text)
     with open(os.path.join(args.out, "packing.json"), "w") as f:
-      json.dump({"meta": meta, "runs": runs}, f, indent=2)
+      json.dump({"meta": session.meta(), "runs": runs}, f, indent=2)
+  return runs
 
 
 if __name__ == "__main__":

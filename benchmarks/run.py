@@ -41,9 +41,7 @@ Full run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import resource
@@ -54,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import method, timing
+from benchmarks import method
 
 # Fewer threads than cores makes every contender slower in the same way;
 # leave each library's default (one thread per core).
@@ -173,7 +171,7 @@ def _jax_runner(case, init, apply, inputs, lengths) -> Runner:
       return _carry_loss(*apply(params, inputs, lengths))
 
   compiled = jax.jit(step).lower(params, inputs, lengths).compile()
-  memory_bytes = timing.compiled_temp_bytes(compiled)
+  memory_bytes = method.compiled_temp_bytes(compiled)
   return Runner(
     lambda: jax.block_until_ready(compiled(params, inputs, lengths)),
     memory_bytes,
@@ -443,26 +441,22 @@ def _child(case: Case, name: str, rounds: int, iters: int, calls: int, seed):
   """
   family, build = CONTENDERS[name]
   if family != "hk_rnn" and not _installed(family):
-    print(json.dumps({"skipped": f"{family} is not installed"}))
+    method.print_skip(f"{family} is not installed")
     return
   runner = build(case, *make_data(case, seed))
   if isinstance(runner, str):
-    print(json.dumps({"skipped": runner}))
+    method.print_skip(runner)
     return
   if case.training:
     iters = max(1, round(iters * 64 / case.time))
-
-    def block():
-      for _ in range(iters):
-        runner.run()
-
-    samples = [s / iters for s in method.time_calls(block, calls=rounds)]
+    samples = method.time_blocks(runner.run, rounds=rounds, iters=iters)
   else:
     samples = method.time_calls(runner.run, calls=calls, warmup=3)
-  report = method.summarize(samples)
-  report["memory_bytes"] = runner.memory_bytes
-  report["gflops"] = case.gemm_flops / report["median_s"] / 1e9
-  print(json.dumps(report))
+  method.print_report(
+    samples,
+    memory_bytes=runner.memory_bytes,
+    gflops=case.gemm_flops / method.summarize(samples)["median_s"] / 1e9,
+  )
 
 
 def _markdown(results, cases, meta) -> str:
@@ -471,14 +465,9 @@ def _markdown(results, cases, meta) -> str:
     "",
     f"- date: {meta['date']}",
     f"- versions: {meta['versions']}",
-    *method.header(
-      meta["command"], meta["load_before"], meta["load_after"],
-      meta["processes"],
-    ),
+    *meta["header"],
     f"- per process: {meta['rounds']} samples of {meta['iters']} training "
-    f"steps (fewer for T > 64), or {meta['calls']} inference calls"
-    + ("; one busy process beside the benchmark (`--busy`)" if meta["busy"]
-       else ""),
+    f"steps (fewer for T > 64), or {meta['calls']} inference calls",
     "",
     "Times are medians of the per-process medians; `hk_rnn ÷ peer` below 1 "
     "means hk_rnn is faster; `spread` is the range of the per-process "
@@ -508,7 +497,7 @@ def _markdown(results, cases, meta) -> str:
         f"| {name} | {median * 1e3:.2f} |{tail} "
         f"{min(spread) * 1e3:.1f}–{max(spread) * 1e3:.1f} | "
         f"{case.gemm_flops / median / 1e9:.3g} | {ratio} | "
-        f"{timing.format_bytes(result.get('memory_bytes'))} |"
+        f"{method.format_bytes(result.get('memory_bytes'))} |"
       )
     unmasked = timed.get("hk_rnn_unmasked")
     if lead is not None and unmasked is not None:
@@ -554,15 +543,7 @@ def _chart(results, cases, path) -> None:
 
 
 def _versions() -> str:
-  import importlib.metadata
-
-  found = []
-  for package in ("jax", "jaxlib", "dm-haiku", "flax", "torch"):
-    try:
-      found.append(f"{package} {importlib.metadata.version(package)}")
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return ", ".join(found)
+  return method.versions("jax", "jaxlib", "dm-haiku", "flax", "torch")
 
 
 def main(argv=None) -> None:
@@ -583,13 +564,7 @@ def main(argv=None) -> None:
     default=",".join(CONTENDERS),
     help="comma-separated contender names (default: every one installed)",
   )
-  parser.add_argument(
-    "--processes",
-    type=int,
-    default=3,
-    help="processes per contender, in alternating order (at least 3 for "
-    "published figures)",
-  )
+  method.add_arguments(parser)
   parser.add_argument("--rounds", type=int, default=7, help="samples/process")
   parser.add_argument("--iters", type=int, default=3, help="steps per sample")
   parser.add_argument(
@@ -606,11 +581,6 @@ def main(argv=None) -> None:
     action="store_true",
     help="shrink every case to B=4, T=8, D=8, F=16: a smoke test of the "
     "harness, not a measurement",
-  )
-  parser.add_argument(
-    "--busy",
-    action="store_true",
-    help="keep one spinning process beside the benchmark",
   )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--out", default="runs/benchmarks", help="output folder")
@@ -638,15 +608,7 @@ def main(argv=None) -> None:
         f"--contenders: unknown contender {name!r}; "
         f"known: {', '.join(CONTENDERS)}"
       )
-  if args.processes < 1:
-    parser.error(f"--processes must be at least 1, got {args.processes}")
 
-  log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-  load_before = method.load_average()
-  log(f"CPU: {method.cpu_model()}; load average before: {load_before}")
-  warning = method.busy_warning(load_before)
-  if warning:
-    log(warning)
   options = [
     *(["--tiny"] if args.tiny else []),
     f"--rounds={rounds}",
@@ -655,37 +617,25 @@ def main(argv=None) -> None:
     f"--seed={args.seed}",
   ]
   results = {}
-  with method.BusyNeighbour() if args.busy else contextlib.nullcontext():
+  argv = sys.argv[1:] if argv is None else argv
+  with method.Session(
+    "benchmarks.run", argv, processes=args.processes, busy=args.busy
+  ) as session:
     for name in case_names:
-      log(f"{name}:")
-      results[name] = method.measure(
+      session.log(f"{name}:")
+      results[name] = session.measure(
         {
-          contender: [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--child",
-            name,
-            contender,
-            *options,
-          ]
+          contender: ["--child", name, contender, *options]
           for contender in contenders
-        },
-        processes=args.processes,
-        log=log,
+        }
       )
   meta = {
-    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "cpu": method.cpu_model(),
+    **session.meta(),
     "versions": _versions(),
-    "load_before": load_before,
-    "load_after": method.load_average(),
-    "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
-    "processes": args.processes,
+    "header": session.header(),
     "rounds": rounds,
     "iters": iters,
     "calls": calls,
-    "busy": args.busy,
   }
   os.makedirs(args.out, exist_ok=True)
   table = _markdown(results, cases, meta)
@@ -695,6 +645,7 @@ def main(argv=None) -> None:
     json.dump({"meta": meta, "results": results}, file, indent=1)
   _chart(results, cases, os.path.join(args.out, "chart.png"))
   print(table)
+  return results
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.metadata
 import json
 import os
 import sys
@@ -111,18 +109,12 @@ def _child(name: str, calls: int, tiny: bool) -> None:
   if tiny:
     contender = _tiny(contender)
   step = training_step(contender)
-  report = method.summarize(method.time_calls(step, calls=calls, warmup=2))
-  print(json.dumps(report))
+  method.print_report(method.time_calls(step, calls=calls, warmup=2))
 
 
 def _table(results: dict, meta: dict) -> str:
   lines = [
-    *method.header(
-      meta["command"],
-      meta["load_before"],
-      meta["load_after"],
-      meta["processes"],
-    ),
+    *meta["header"],
     "",
     "Training step (forward and backward), median of the per-process "
     "medians, [min, max] of those medians.",
@@ -151,9 +143,8 @@ def _table(results: dict, meta: dict) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--processes", type=int, default=3)
+  method.add_arguments(parser, tuple(CONTENDERS))
   parser.add_argument("--calls", type=int, default=10)
-  parser.add_argument("--contenders", default=",".join(CONTENDERS))
   parser.add_argument("--tiny", action="store_true", help="smoke-test sizes")
   parser.add_argument("--out", default="", help="directory for xlstm.md/json")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -161,39 +152,19 @@ def main(argv=None):
   if args.child:
     _child(args.child, args.calls, args.tiny)
     return None
-  names = args.contenders.split(",")
-  for name in names:
-    if name not in CONTENDERS:
-      parser.error(
-        f"--contenders: unknown contender {name!r}; known: "
-        f"{', '.join(CONTENDERS)}"
-      )
-  log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-  load_before = method.load_average()
-  warning = method.busy_warning(load_before)
-  if warning:
-    log(warning)
+  names = method.chosen(parser, args.contenders, tuple(CONTENDERS))
   options = [f"--calls={args.calls}", *(["--tiny"] if args.tiny else [])]
-  results = method.measure(
-    {
-      name: [sys.executable, "-m", "benchmarks.xlstm", f"--child={name}"]
-      + options
-      for name in names
-    },
-    processes=args.processes,
-    env={"PYTHONPATH": os.pathsep.join(sys.path)},
-    log=log,
-  )
+  argv = sys.argv[1:] if argv is None else argv
+  with method.Session(
+    "benchmarks.xlstm", argv, processes=args.processes, busy=args.busy
+  ) as session:
+    results = session.measure(
+      {name: [f"--child={name}", *options] for name in names}
+    )
   meta = {
-    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    "cpu": method.cpu_model(),
-    "jax": importlib.metadata.version("jax"),
-    "load_before": load_before,
-    "load_after": method.load_average(),
-    "command": " ".join(
-      ["python -m benchmarks.xlstm", *(argv or sys.argv[1:])]
-    ),
-    "processes": args.processes,
+    **session.meta(),
+    "versions": method.versions("jax", "jaxlib", "dm-haiku"),
+    "header": session.header(),
     "calls": args.calls,
     "contenders": {
       name: dataclasses.asdict(

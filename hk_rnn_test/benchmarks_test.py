@@ -20,6 +20,20 @@ from benchmarks import (
 
 
 class BenchmarkHarnessTest(absltest.TestCase):
+  def assert_one_process_per_contender(self, results, processes=1):
+    """Every contender ran ``processes`` processes of its own, started with
+    a command naming it; no two shared a process or ran in this one
+    (contenders that skipped ran one process, which reported no time)."""
+    pids = []
+    for name, result in results.items():
+      if "skipped" in result:
+        continue
+      self.assertTrue(any(name in arg for arg in result["command"]), result)
+      self.assertLen(result["processes"], processes)
+      pids += [report["pid"] for report in result["processes"]]
+    self.assertLen(set(pids), len(pids))
+    self.assertNotIn(os.getpid(), pids)
+
   def test_tiny_xlstm_run_times_each_contender_in_its_own_process(self):
     with tempfile.TemporaryDirectory() as out:
       results = xlstm.main(
@@ -32,6 +46,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
         ]
       )
       self.assertEqual(set(results), {"slstm_fused", "lstm_fused"})
+      self.assert_one_process_per_contender(results)
       with open(os.path.join(out, "xlstm.md")) as file:
         self.assertIn("- slstm_fused / lstm_fused = ", file.read())
       self.assertTrue(os.path.exists(os.path.join(out, "xlstm.json")))
@@ -52,11 +67,11 @@ class BenchmarkHarnessTest(absltest.TestCase):
 
   def test_tiny_run_writes_table_json_and_chart(self):
     with tempfile.TemporaryDirectory() as out:
-      run.main(
+      results = run.main(
         [
           "--tiny",
           "--cases=masked_bilstm,inference_lstm",
-          "--contenders=hk_rnn,hk_rnn_unmasked,flax_lstm",
+          "--contenders=hk_rnn,hk_rnn_unmasked",
           "--processes=1",
           "--rounds=1",
           "--iters=1",
@@ -66,7 +81,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
       )
       with open(os.path.join(out, "results.md")) as file:
         table = file.read()
-      for name in ("hk_rnn", "hk_rnn_unmasked", "flax_lstm"):
+      for name in ("hk_rnn", "hk_rnn_unmasked"):
         self.assertIn(f"| {name} |", table)
       self.assertIn("Masking costs hk_rnn", table)
       self.assertIn("p99 ms", table)  # the inference case's tail
@@ -74,6 +89,8 @@ class BenchmarkHarnessTest(absltest.TestCase):
       self.assertIn("each contender in its own process", table)
       for name in ("results.json", "chart.png"):
         self.assertTrue(os.path.exists(os.path.join(out, name)))
+    for by_contender in results.values():
+      self.assert_one_process_per_contender(by_contender)
 
   def test_unmasked_contender_runs_only_in_masked_cases(self):
     case = run._tiny(run.CASES["lstm"])
@@ -113,6 +130,28 @@ class BenchmarkHarnessTest(absltest.TestCase):
     self.assertIsNone(method.busy_warning((0.49 * cores, 0, 0)))
     self.assertIn("busy", method.busy_warning((0.5 * cores, 0, 0)))
 
+  def test_a_busy_session_spins_a_neighbour_while_open_and_says_so(self):
+    with method.Session(
+      "benchmarks.x", ["--busy"], processes=3, busy=True, log=lambda _: None
+    ) as session:
+      self.assertTrue(session.neighbour.running)
+    self.assertFalse(session.neighbour.running)
+    header = "\n".join(session.header())
+    self.assertIn("one busy process beside the benchmark", header)
+    self.assertIn("`python -m benchmarks.x --busy`", header)
+    self.assertIn("3 processes each in alternating order", header)
+    self.assertEqual(session.meta()["busy"], True)
+
+  def test_fewer_than_one_process_is_an_error_naming_the_flag(self):
+    for harness, argv in (
+      (linear, []),
+      (packing, []),
+      (options, ["--study=remat"]),
+      (griffin, []),
+    ):
+      with self.assertRaises(SystemExit):
+        harness.main([*argv, "--processes=0"])
+
   def test_remat_study_packed_rows_fill_every_row(self):
     ids = options._packed_ids(np.random.default_rng(0), 3, 500)
     self.assertTrue(np.all(ids > 0))
@@ -123,9 +162,40 @@ class BenchmarkHarnessTest(absltest.TestCase):
     step()
     self.assertGreater(memory, 0)
 
+  def test_tiny_options_study_times_each_variant_in_its_own_process(self):
+    variants = 'sampling="once" (step path),sampling="once" (fused)'
+    with tempfile.TemporaryDirectory() as out:
+      results = options.main(
+        [
+          "--study=dropout",
+          "--quick",
+          "--settings=0",
+          f"--variants={variants}",
+          "--processes=1",
+          "--rounds=1",
+          "--iters=1",
+          f"--out={out}",
+        ]
+      )
+      with open(os.path.join(out, "dropout.md")) as file:
+        table = file.read()
+      self.assertTrue(os.path.exists(os.path.join(out, "dropout.json")))
+    ((title, by_variant),) = results.items()
+    self.assertEqual(list(by_variant), variants.split(","))
+    self.assert_one_process_per_contender(by_variant)
+    for name in by_variant:
+      self.assertIn(f"| {title} | {name} |", table)
+      self.assertGreater(by_variant[name]["memory_bytes"], 0)
+    self.assertIn("each contender in its own process", table)
+    self.assertIn("- CPU: ", table)
+
+  def test_options_rejects_an_unknown_variant(self):
+    with self.assertRaises(SystemExit):
+      options.main(["--study=dropout", "--quick", "--variants=nope"])
+
   def test_tiny_packing_run_writes_its_table(self):
     with tempfile.TemporaryDirectory() as out:
-      packing.main(
+      runs = packing.main(
         [
           "--sizes=6",
           "--max_length=8",
@@ -133,15 +203,22 @@ class BenchmarkHarnessTest(absltest.TestCase):
           "--median=3",
           "--inputs=3",
           "--features=4",
+          "--contenders=hk_rnn_packed,hk_rnn_packed_last_carry,torch_packed",
+          "--processes=1",
           "--rounds=1",
           f"--out={out}",
         ]
       )
       with open(os.path.join(out, "packing.md")) as file:
         table = file.read()
-      for name in ("hk_rnn_packed", "hk_rnn_padded", "torch_packed"):
-        self.assertIn(f"| {name} |", table)
-      self.assertIn("Per-segment carries cost", table)
+      self.assertTrue(os.path.exists(os.path.join(out, "packing.json")))
+    (run,) = runs
+    self.assert_one_process_per_contender(run["results"])
+    for name in ("hk_rnn_packed", "hk_rnn_packed_last_carry", "torch_packed"):
+      self.assertIn(f"| {name} |", table)
+      self.assertGreater(run["results"][name]["tokens_per_s"], 0)
+    self.assertIn("Per-segment carries cost", table)
+    self.assertIn("each contender in its own process", table)
 
   def test_packing_time_alone(self):
     options = packing.argparse.Namespace(
@@ -153,11 +230,12 @@ class BenchmarkHarnessTest(absltest.TestCase):
 
   def test_tiny_linear_run_checks_the_targets(self):
     with tempfile.TemporaryDirectory() as out:
-      linear.main(
+      results = linear.main(
         [
           "--tiny",
           "--times=8",
-          "--contenders=min_gru_default,min_gru_step,hk_rnn_gru_fused",
+          "--contenders=min_gru_default,hk_rnn_gru_fused",
+          "--processes=1",
           "--rounds=1",
           "--iters=1",
           f"--out={out}",
@@ -165,16 +243,16 @@ class BenchmarkHarnessTest(absltest.TestCase):
       )
       with open(os.path.join(out, "linear.md")) as file:
         table = file.read()
-      for name in ("min_gru_default", "min_gru_step"):
-        self.assertIn(f"| {name} |", table)
-      self.assertIn("| hk_rnn_gru_fused | ", table)
-      self.assertIn("MinGRU default ÷ hk_rnn_gru_fused:", table)
-      self.assertIn("MinGRU default ÷ min_gru_step:", table)
       self.assertTrue(os.path.exists(os.path.join(out, "linear.json")))
+    self.assert_one_process_per_contender(results["t8"])
+    self.assertIn("| min_gru_default |", table)
+    self.assertIn("| hk_rnn_gru_fused | ", table)
+    self.assertIn("MinGRU default ÷ hk_rnn_gru_fused:", table)
+    self.assertIn("each contender in its own process", table)
 
   def test_tiny_griffin_run_in_separate_processes(self):
     with tempfile.TemporaryDirectory() as out:
-      griffin.main(
+      results = griffin.main(
         [
           "--tiny",
           "--contenders=griffin,gru",
@@ -189,6 +267,7 @@ class BenchmarkHarnessTest(absltest.TestCase):
       self.assertIn("| gru | ", table)
       self.assertIn("griffin ÷ gru:", table)
       self.assertIn("CPU:", table)
+    self.assert_one_process_per_contender(results)
     report = griffin.one_process("rglru", 2, 16, 8, calls=1)
     self.assertGreater(report["median_s"], 0)
 
