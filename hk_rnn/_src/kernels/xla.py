@@ -198,9 +198,50 @@ def sequence(
   emitted)``: with ``emit``, ``emitted`` holds the state arrays but ``h``
   after every step (see ``_forward_scan``), else ``()``.
   """
+  _, _, final_state, (outputs, emitted) = _run_forward(
+    cell,
+    unroll,
+    emit,
+    False,
+    inputs,
+    w_i,
+    valid,
+    w_h,
+    b_i,
+    b_h,
+    initial_state,
+    reset_state,
+    reset,
+    mask,
+  )
+  return final_state, outputs, emitted
+
+
+def _run_forward(
+  cell,
+  unroll,
+  emit,
+  save,
+  inputs,
+  w_i,
+  valid,
+  w_h,
+  b_i,
+  b_h,
+  initial_state,
+  reset_state,
+  reset,
+  mask,
+):
+  """The forward scan in the inputs' dtype, saving residuals with ``save``.
+
+  Returns ``(clean_inputs, mask in the inputs' dtype, final_state,
+  per-step results of _forward_scan)``.
+  """
   dtype = inputs.dtype
-  _, projected = _prepare(inputs, w_i, valid)
-  final_state, (outputs, emitted) = _forward_scan(
+  clean_inputs, projected = _prepare(inputs, w_i, valid)
+  mask_c = None if mask is None else mask.astype(dtype)
+  final_state, per_step = _forward_scan(
     cell,
     unroll,
     projected,
@@ -211,11 +252,11 @@ def sequence(
     _cast_all(reset_state, dtype),
     valid,
     reset,
-    None if mask is None else mask.astype(dtype),
-    save=False,
+    mask_c,
+    save=save,
     emit=emit,
   )
-  return final_state, outputs, emitted
+  return clean_inputs, mask_c, final_state, per_step
 
 
 def _sequence_forward(
@@ -233,24 +274,23 @@ def _sequence_forward(
   reset,
   mask,
 ):
-  dtype = inputs.dtype
-  clean_inputs, projected = _prepare(inputs, w_i, valid)
-  mask_c = None if mask is None else mask.astype(dtype)
-  final_state, (outputs, emitted, residuals, h_in) = _forward_scan(
+  clean_inputs, mask_c, final_state, per_step = _run_forward(
     cell,
     unroll,
-    projected,
-    w_h.astype(dtype),
-    b_i.astype(dtype),
-    None if b_h is None else b_h.astype(dtype),
-    _cast_all(initial_state, dtype),
-    _cast_all(reset_state, dtype),
+    emit,
+    True,
+    inputs,
+    w_i,
     valid,
+    w_h,
+    b_i,
+    b_h,
+    initial_state,
+    reset_state,
     reset,
-    mask_c,
-    save=True,
-    emit=emit,
+    mask,
   )
+  outputs, emitted, residuals, h_in = per_step
   saved = (
     clean_inputs,
     residuals,
